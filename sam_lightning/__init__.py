@@ -1,0 +1,1 @@
+"""Fine-tune Segment Anything with Lightning and Hydra."""
