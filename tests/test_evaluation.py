@@ -1,0 +1,251 @@
+"""The evaluation protocol on fake decoders whose answers are known, and on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sam_lightning.clicks import farthest_point_click
+from sam_lightning.errors import UserError
+from sam_lightning.evaluation import (
+    InstanceScores,
+    ProtocolConfig,
+    ProtocolMetric,
+    evaluate_batch,
+    evaluate_image,
+    markdown_table,
+    noc,
+    results_table,
+    sam_decoder,
+    to_masks,
+)
+
+S = 64
+
+
+def disk(cx: int, cy: int, r: float, size: int = S) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+
+
+def logits_of(masks: torch.Tensor) -> torch.Tensor:
+    return masks.float() * 20 - 10
+
+
+class GroundTruthDecoder:
+    """Answers every prompt with the ground truth (low-res = S, so upscaling is exact)."""
+
+    def __init__(self, gt: torch.Tensor) -> None:
+        self.gt = gt
+        self.calls: list[dict] = []
+
+    def __call__(
+        self, embedding, boxes=None, points=None, labels=None, mask_logits=None, multimask=False
+    ):
+        self.calls.append(
+            {
+                "boxes": boxes,
+                "points": points,
+                "labels": labels,
+                "mask_logits": mask_logits,
+                "multimask": multimask,
+            }
+        )
+        m = 3 if multimask else 1
+        low = logits_of(self.gt)[:, None].repeat(1, m, 1, 1)
+        return low, torch.ones(self.gt.shape[0], m)
+
+
+class ClickDecoder:
+    """A model that paints a disk of radius 6 around each positive click and erases one around
+    each negative click; with one point it offers [nothing, a small disk, the painted disk] and
+    predicts the small disk to be best.
+    """
+
+    def __call__(
+        self, embedding, boxes=None, points=None, labels=None, mask_logits=None, multimask=False
+    ):
+        k = points.shape[0]
+        out = torch.zeros(k, S, S, dtype=torch.bool)
+        for i in range(k):
+            for (x, y), lab in zip(points[i].tolist(), labels[i].tolist(), strict=True):
+                if lab == 1:
+                    out[i] |= disk(int(x), int(y), 6)
+                elif lab == 0:
+                    out[i] &= ~disk(int(x), int(y), 6)
+        if multimask:
+            small = torch.stack([disk(int(x), int(y), 2) for x, y in points[:, 0].tolist()])
+            low = torch.stack(
+                [logits_of(torch.zeros_like(out)), logits_of(small), logits_of(out)], 1
+            )
+            return low, torch.tensor([[0.1, 0.9, 0.5]]).repeat(k, 1)
+        return logits_of(out)[:, None], torch.ones(k, 1)
+
+
+def test_ground_truth_decoder_scores_one_everywhere() -> None:
+    gt = torch.stack([disk(20, 20, 8), disk(40, 44, 12)])
+    boxes = torch.tensor([[12.0, 12, 28, 28], [28, 32, 52, 56]])
+    config = ProtocolConfig.full()
+    scores = evaluate_image(GroundTruthDecoder(gt), torch.zeros(1), gt, boxes, S, config)
+    assert set(scores.iou) == set(config.protocols)
+    for name in config.protocols:
+        assert scores.iou[name].tolist() == [1.0, 1.0], name
+        assert scores.dice[name].tolist() == [1.0, 1.0], name
+    assert scores.curve_iou.shape == (2, 20)
+    metric = ProtocolMetric(config)
+    metric.update(scores)
+    values = {k: v.item() for k, v in metric.compute().items()}
+    assert values["noc85"] == 1.0 and values["noc90"] == 1.0
+    assert values["count"] == 2.0
+
+
+def test_click_session_prompts_as_the_paper_says() -> None:
+    gt = torch.stack([disk(30, 30, 10)])
+    decoder = GroundTruthDecoder(gt)
+    evaluate_image(
+        decoder,
+        torch.zeros(1),
+        gt,
+        torch.tensor([[20.0, 20, 40, 40]]),
+        S,
+        ProtocolConfig(box=False, clicks=(3,)),
+    )
+    first, second, third = decoder.calls
+    assert first["multimask"] and first["mask_logits"] is None
+    assert first["points"].tolist() == [[[30.0, 30.0]]] and first["labels"].tolist() == [[1]]
+    assert not second["multimask"] and second["mask_logits"].shape == (1, 1, S, S)
+    assert second["points"].shape == (1, 2, 2) and third["points"].shape == (1, 3, 2)
+    # the prediction is already perfect: the extra clicks are SAM's padding label
+    assert third["labels"].tolist() == [[1, -1, -1]]
+
+
+def test_box_click_feeds_the_box_prediction_back() -> None:
+    gt = torch.stack([disk(30, 30, 10)])
+    decoder = GroundTruthDecoder(gt)
+    box = torch.tensor([[20.0, 20, 40, 40]])
+    evaluate_image(
+        decoder, torch.zeros(1), gt, box, S, ProtocolConfig(box=True, box_click=True, clicks=())
+    )
+    assert len(decoder.calls) == 2
+    assert decoder.calls[1]["boxes"].tolist() == box.tolist()
+    assert decoder.calls[1]["mask_logits"].shape == (1, 1, S, S)
+
+
+def test_clicks_improve_and_oracle_picks_the_best_mask() -> None:
+    # an ell-shaped object: the first click paints only part of it, later clicks fill the rest
+    gt = torch.zeros(1, S, S, dtype=torch.bool)
+    gt[0, 10:50, 10:22] = True
+    gt[0, 38:50, 10:54] = True
+    config = ProtocolConfig(box=False, clicks=(1, 2, 3, 5, 9), oracle=True, noc=True)
+    scores = evaluate_image(ClickDecoder(), torch.zeros(1), gt, torch.zeros(1, 4), S, config)
+    x, y = farthest_point_click(gt)[0][0].long().tolist()
+    assert 10 <= x < 22 and 38 <= y < 50  # the deepest point is in the corner of the ell
+    big = disk(x, y, 6)
+    one_click_oracle = (big & gt[0]).sum().item() / (big | gt[0]).sum().item()
+    assert scores.iou["1click_oracle"].item() == pytest.approx(one_click_oracle, abs=1e-6)
+    small = disk(x, y, 2)
+    assert scores.iou["1click"].item() == pytest.approx(
+        small.sum().item() / gt.sum().item(), abs=1e-6
+    )
+    curve = scores.iou
+    assert curve["1click"] < curve["2click"] < curve["3click"] < curve["5click"] <= curve["9click"]
+    for name in config.protocols:
+        assert 0.0 <= scores.iou[name].item() <= 1.0 and 0.0 <= scores.dice[name].item() <= 1.0
+
+
+def test_noc_counts_clicks_to_the_threshold_and_caps() -> None:
+    curve = torch.tensor([[0.5, 0.86, 0.95, 0.99], [0.2, 0.3, 0.4, 0.5], [0.91, 0.9, 0.9, 0.9]])
+    assert noc(curve, 0.85, 20).tolist() == [2.0, 20.0, 1.0]
+    assert noc(curve, 0.90, 20).tolist() == [3.0, 20.0, 1.0]
+    assert noc(curve, 0.99, 3).tolist() == [3.0, 3.0, 3.0]
+
+
+def test_metric_aggregates_over_batches_like_one_batch() -> None:
+    config = ProtocolConfig(box=True, clicks=(1, 2), noc=False)
+    a = InstanceScores(
+        iou={
+            "box": torch.tensor([0.5, 1.0]),
+            "1click": torch.tensor([0.2, 0.4]),
+            "2click": torch.tensor([0.6, 0.8]),
+        },
+        dice={
+            "box": torch.tensor([0.6, 1.0]),
+            "1click": torch.tensor([0.3, 0.5]),
+            "2click": torch.tensor([0.7, 0.9]),
+        },
+        curve_iou=torch.tensor([[0.2, 0.6], [0.4, 0.8]]),
+        curve_dice=torch.tensor([[0.3, 0.7], [0.5, 0.9]]),
+    )
+    b = InstanceScores(
+        iou={
+            "box": torch.tensor([0.0]),
+            "1click": torch.tensor([0.0]),
+            "2click": torch.tensor([0.3]),
+        },
+        dice={
+            "box": torch.tensor([0.0]),
+            "1click": torch.tensor([0.0]),
+            "2click": torch.tensor([0.4]),
+        },
+        curve_iou=torch.tensor([[0.0, 0.3]]),
+        curve_dice=torch.tensor([[0.0, 0.4]]),
+    )
+    split, whole = ProtocolMetric(config), ProtocolMetric(config)
+    split.update(a)
+    split.update(b)
+    whole.update(InstanceScores.cat([a, b]))
+    for values in (split.compute(), whole.compute()):
+        assert values["box/iou"].item() == pytest.approx(0.5)
+        assert values["1click/iou"].item() == pytest.approx(0.2)
+        assert values["2click/dice"].item() == pytest.approx(2.0 / 3)
+        assert values["curve/2"].item() == pytest.approx(values["2click/iou"].item())
+        assert values["count"].item() == 3
+    table = results_table({k: v.item() for k, v in split.compute().items()}, config)
+    assert table["protocols"]["box"]["miou"] == pytest.approx(0.5)
+    assert table["miou_per_click"] == pytest.approx([0.2, 17 / 30])
+    assert "| box | 0.5000 | 0.5333 |" in markdown_table(table)
+
+
+def test_protocol_config_from_dict_names_unknown_keys() -> None:
+    config = ProtocolConfig.from_dict({"box": True, "clicks": [1, 5]})
+    assert config.protocols == ["box", "1click", "5click"] and config.num_clicks == 5
+    assert ProtocolConfig.full().num_clicks == 20
+    with pytest.raises(UserError, match="click"):
+        ProtocolConfig.from_dict({"clickz": [1]})
+
+
+def test_to_masks_crops_the_padding() -> None:
+    low = torch.full((1, 1, 16, 16), 5.0)
+    masks = to_masks(low, 64, (40, 64))
+    assert masks.shape == (1, 1, 40, 64) and masks.all()
+
+
+def test_tiny_model_scores_are_fractions() -> None:
+    from sam_lightning.model.build import build_sam
+
+    torch.manual_seed(0)
+    sam = build_sam("tiny").eval()
+    size = sam.image_encoder.img_size
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, 20:80, 30:90] = True
+    masks[1, 100:180, 120:200] = True
+    batch = {
+        "masks": [masks],
+        "boxes": [torch.tensor([[30.0, 20, 90, 80], [120, 100, 200, 180]])],
+        "input_size": torch.tensor([[200, 256]]),
+    }
+    with torch.no_grad():
+        embeddings = sam.image_encoder(torch.zeros(1, 3, size, size))
+    config = ProtocolConfig(
+        box=True, box_click=True, clicks=(1, 3), oracle=True, noc=True, max_noc_clicks=4
+    )
+    scores = evaluate_batch(sam_decoder(sam), embeddings, batch, size, config)
+    metric = ProtocolMetric(config)
+    metric.update(scores)
+    values = metric.compute()
+    for name in config.protocols:
+        assert scores.iou[name].shape == (2,)
+        assert 0.0 <= values[f"{name}/iou"].item() <= 1.0
+        assert 0.0 <= values[f"{name}/dice"].item() <= 1.0
+    assert values["1click_oracle/iou"] >= values["1click/iou"]
+    assert 1.0 <= values["noc85"].item() <= 4.0
