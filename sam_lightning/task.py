@@ -1,0 +1,205 @@
+"""`SamTask`: the LightningModule that fine-tunes a `Sam` with simulated prompts.
+
+One step (DESIGN.md): encode each image once, run all prompts of an image through the prompt
+encoder and mask decoder together, SAM's loss with min-over-outputs, per-mask IoU/Dice.
+Hyper-parameters are plain dicts so checkpoints load under weights-only unpickling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from sam_lightning.errors import TrainingStopped
+from sam_lightning.losses import SamLoss
+from sam_lightning.metrics import mask_metrics
+from sam_lightning.model.build import build_sam
+from sam_lightning.model.strategies import instantiate_strategy
+from sam_lightning.prompts import sample_box_prompts, select_instances
+
+DEFAULT_PROMPT = {"mode": "box", "max_instances": 32, "box_noise_std": 0.1, "box_max_noise": 20.0}
+DEFAULT_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999)}
+DEFAULT_SCHEDULER = {"warmup_steps": 50, "min_lr_ratio": 0.01}
+
+
+class SamTask(L.LightningModule):
+    """Fine-tune SAM.
+
+    Args:
+        model: `build_sam` arguments (`name`, `checkpoint`, ...).
+        strategy: the strategy's config (`_target_` + arguments); `None` trains everything.
+        loss: `SamLoss` arguments.
+        prompt: prompt simulation (`mode`, `max_instances`, box noise).
+        optimizer: AdamW settings (`lr`, `weight_decay`, `betas`).
+        scheduler: linear warmup (`warmup_steps`) then cosine decay to `min_lr_ratio * lr`.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        strategy: dict[str, Any] | None = None,
+        loss: dict[str, Any] | None = None,
+        prompt: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.sam = build_sam(**model)
+        self.strategy = instantiate_strategy(strategy)
+        self.strategy.apply(self.sam)
+        self.loss_fn = SamLoss(**(loss or {}))
+        self.prompt_cfg = {**DEFAULT_PROMPT, **(prompt or {})}
+        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
+        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_metrics": mask_metrics(f"{stage}/") for stage in ("train", "val", "test")}
+        )
+        self.val_examples: list[dict[str, torch.Tensor]] = []  # for overlay callbacks
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    # ---- the model, as SamPredictor runs it -------------------------------------------------
+    def preprocess(self, images: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
+        """Normalise uint8 [B, 3, S, S] images and zero the padding, exactly as `Sam.preprocess`."""
+        x = (images.float() - self.sam.pixel_mean) / self.sam.pixel_std
+        size = x.shape[-1]
+        ar = torch.arange(size, device=x.device)
+        rows = ar[None, :] < input_size[:, 0:1]  # [B, S]
+        cols = ar[None, :] < input_size[:, 1:2]
+        valid = rows[:, None, :, None] & cols[:, None, None, :]
+        return x * valid
+
+    def encode(self, images: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, C, h, w]."""
+        return self.sam.image_encoder(self.preprocess(images, input_size))
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All K prompts of one image through the prompt encoder and mask decoder together.
+
+        Args:
+            embedding: [1, C, h, w] embedding of the image.
+            boxes: [K, 4] XYXY in the model's input frame.
+            points, labels: [K, P, 2] and [K, P] (1 positive, 0 negative).
+            mask_logits: [K, 1, 4h, 4w] low-res logits of a previous round.
+            multimask: three ambiguity outputs (one point) instead of the single-mask token.
+
+        Returns:
+            Low-res logits [K, M, 4h, 4w] and predicted IoU [K, M], M = 3 or 1.
+        """
+        sparse, dense = self.sam.prompt_encoder(
+            points=(points, labels) if points is not None else None,
+            boxes=boxes,
+            masks=mask_logits,
+        )
+        return self.sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+    def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits to the padded input frame S x S (the first step of `postprocess_masks`)."""
+        return F.interpolate(
+            low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+
+    # ---- one step for every stage ------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        training = stage == "train"
+        embeddings = self.encode(batch["images"], batch["input_size"])
+        losses = []
+        metrics = self.metrics[f"{stage}_metrics"]
+        keep_examples = stage == "val" and not self.val_examples
+        for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"], strict=True)):
+            if masks.shape[0] == 0:
+                continue
+            h, w = (int(v) for v in batch["input_size"][i])
+            if training:
+                idx = select_instances(masks.shape[0], self.prompt_cfg["max_instances"])
+                masks, boxes = masks[idx], boxes[idx]
+                boxes = sample_box_prompts(
+                    boxes, (h, w), self.prompt_cfg["box_noise_std"], self.prompt_cfg["box_max_noise"]
+                )
+            low_res, iou_pred = self.decode(embeddings[i : i + 1], boxes=boxes)
+            logits = self.upscale(low_res)
+            loss, parts = self.loss_fn(logits, iou_pred, masks)
+            losses.append(loss)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            pred = logits[rows, parts["best"]] > 0
+            metrics.update(pred[:, :h, :w], masks[:, :h, :w])
+            if keep_examples:
+                self.val_examples.append(
+                    {"image": batch["images"][i].cpu(), "masks": pred.cpu(), "gt": masks.cpu(),
+                     "boxes": boxes.cpu(), "image_id": batch["image_ids"][i]}
+                )
+                keep_examples = len(self.val_examples) < 4
+        if not losses:  # no instance in the whole batch: a zero loss that keeps the graph
+            return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+        loss = torch.stack(losses).mean()
+        batch_size = len(batch["masks"])
+        self.log(f"{stage}/loss", loss, prog_bar=training, batch_size=batch_size,
+                 on_step=training, on_epoch=True, sync_dist=not training)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
+                      batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            raise TrainingStopped(
+                f"non-finite loss ({loss.item()}) at global step {self.global_step} "
+                f"on images {', '.join(batch['image_ids'])}; the last good checkpoint is kept. "
+                "Lower optimizer.lr or check these images."
+            )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_examples = []
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optimizer_cfg
+        groups = self.strategy.param_groups(self.sam, cfg["lr"])
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"])
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(int(self.scheduler_cfg["warmup_steps"]), total // 2)
+        schedule = warmup_cosine(warmup, total, float(self.scheduler_cfg["min_lr_ratio"]))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

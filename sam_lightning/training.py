@@ -1,0 +1,139 @@
+"""The fit pipeline behind `python -m sam_lightning.train`: config in, summary out.
+
+Everything here is callable from Python with a composed config, no Hydra runtime needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sam_lightning.callbacks import RunSummary
+from sam_lightning.task import SamTask
+
+
+def plain(cfg: DictConfig | dict | None) -> Any:
+    """A resolved plain-Python copy of a config node (checkpoints must hold plain types)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def build_task(cfg: DictConfig) -> SamTask:
+    """The `SamTask` a config describes."""
+    return SamTask(
+        model=plain(cfg.model),
+        strategy=plain(cfg.strategy),
+        loss=plain(cfg.loss),
+        prompt=plain(cfg.prompt),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """Loggers from `cfg.logger` (a dict of `_target_` nodes); W&B stays offline unless
+    `WANDB_MODE` says otherwise."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if "wandb" in name.lower():
+            os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(instantiate(node))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks from `cfg.callbacks` (a dict of `_target_` nodes)."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def box_fill_iou(datamodule: L.LightningDataModule, split: str = "val") -> float:
+    """Reference mIoU of predicting each prompt box filled: what a model must beat."""
+    from sam_lightning.metrics import mask_iou
+    from sam_lightning.data.transforms import boxes_from_masks
+
+    dataset = datamodule.datasets[split]
+    total, count = 0.0, 0
+    for i in range(len(dataset)):
+        masks = dataset[i]["masks"]
+        if masks.shape[0] == 0:
+            continue
+        boxes = boxes_from_masks(masks).long()
+        filled = torch.zeros_like(masks)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            filled[k, y0:y1, x0:x1] = True
+        total += float(mask_iou(filled, masks).sum())
+        count += masks.shape[0]
+    return total / max(count, 1)
+
+
+def parameter_counts(sam: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Trainable and total parameters per SAM component and in total."""
+    report = {}
+    for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        params = list(getattr(sam, name).parameters())
+        report[name] = {
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "total": sum(p.numel() for p in params),
+        }
+    report["total"] = {
+        "trainable": sum(p.numel() for p in sam.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in sam.parameters()),
+    }
+    return report
+
+
+def format_parameter_table(report: dict[str, dict[str, int]]) -> str:
+    """The parameter report as an aligned text table."""
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}"]
+    for name, counts in report.items():
+        lines.append(f"{name:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and resume, with `cfg.ckpt_path`) the run a config describes; returns the summary."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = instantiate(cfg.data)
+    task = build_task(cfg)
+    params = parameter_counts(task.sam)
+    print(format_parameter_table(params))
+    callbacks = build_callbacks(cfg)
+    summary_cb = RunSummary(str(out_dir / "summary.json"))
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, summary_cb], logger=build_loggers(cfg) or False)
+    datamodule.setup("fit")
+    summary_cb.extra = {
+        "params": params,
+        "reference": {"box_fill_iou": round(box_fill_iou(datamodule), 4)},
+        "model": cfg.model.name,
+        "strategy": plain(cfg.strategy).get("_target_", "").rsplit(".", 1)[-1],
+    }
+    for logger in trainer.loggers:
+        logger.log_hyperparams(plain(cfg))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary = summary_cb.summary(trainer)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    best = summary["best"]
+    if best:
+        print(
+            f"best val/iou {best.get('val/iou', float('nan')):.4f}  val/dice "
+            f"{best.get('val/dice', float('nan')):.4f}  (box-fill reference "
+            f"{summary['reference']['box_fill_iou']:.4f})"
+        )
+    print(summary_path)
+    return summary
