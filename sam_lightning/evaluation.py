@@ -21,14 +21,15 @@ padding), then averaged over instances (mIoU as in the paper, not pixel-pooled):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from sam_lightning.clicks import error_region_click, farthest_point_click
 from sam_lightning.metrics import mask_dice, mask_iou
@@ -293,68 +294,84 @@ def noc_name(threshold: float) -> str:
     return f"noc{round(threshold * 100)}"
 
 
-class ProtocolMetric(Metric):
-    """Accumulates `InstanceScores` over batches and processes: sums and a count, summed by DDP.
+class ScoreMean(Metric):
+    """Mean of one per-instance figure of `InstanceScores` over every instance seen.
 
-    `compute()` gives a flat dict: `<protocol>/iou`, `<protocol>/dice`, `noc85`, `noc90`,
-    `curve/<n>` (mIoU after n clicks) and `count`, ready for `log_dict` and eval.json.
+    One scalar metric per logged key, so Lightning can log it from `validation_step` and reduce
+    it at the epoch's end (a sum and a count, summed across DDP processes).
+
+    Args:
+        field: "iou" or "dice" (of protocol `key`), "curve" (IoU after `key` clicks) or "noc"
+            (clicks to reach IoU `key`, capped at `max_clicks`).
     """
 
     full_state_update = False
-    higher_is_better = True
 
-    def __init__(self, config: ProtocolConfig, **kwargs: Any) -> None:
+    def __init__(self, field: str, key: str | int | float, max_clicks: int = 20, **kwargs: Any):
         super().__init__(**kwargs)
-        self.config = config
-        self.names = config.protocols
-        p, n, t = len(self.names), config.num_clicks, len(config.noc_thresholds)
+        self.field, self.key, self.max_clicks = field, key, max_clicks
         f64 = torch.float64
-        self.add_state("iou_sum", default=torch.zeros(p, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("dice_sum", default=torch.zeros(p, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("curve_sum", default=torch.zeros(n, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("noc_sum", default=torch.zeros(t, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def _values(self, scores: InstanceScores) -> torch.Tensor | None:
+        if self.field in ("iou", "dice"):
+            return getattr(scores, self.field).get(self.key)
+        if scores.curve_iou is None:
+            return None
+        if self.field == "curve":
+            return scores.curve_iou[:, int(self.key) - 1]
+        return noc(scores.curve_iou, float(self.key), self.max_clicks)
+
     def update(self, scores: InstanceScores) -> None:
-        if not scores.iou:
+        values = self._values(scores)
+        if values is None or values.numel() == 0:
             return
-        first = scores.iou[self.names[0]]
-        self.count += first.numel()
-        self.iou_sum += torch.stack([scores.iou[k].double().sum() for k in self.names])
-        self.dice_sum += torch.stack([scores.dice[k].double().sum() for k in self.names])
-        if scores.curve_iou is not None and self.curve_sum.numel():
-            self.curve_sum += scores.curve_iou.double().sum(dim=0)
-            if self.config.noc:
-                self.noc_sum += torch.stack(
-                    [
-                        noc(scores.curve_iou, thr, self.config.max_noc_clicks).double().sum()
-                        for thr in self.config.noc_thresholds
-                    ]
-                )
+        self.total += values.double().sum().to(self.total.device)
+        self.count += values.numel()
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        count = self.count.clamp(min=1).double()
-        out: dict[str, torch.Tensor] = {}
-        for i, name in enumerate(self.names):
-            out[f"{name}/iou"] = (self.iou_sum[i] / count).float()
-            out[f"{name}/dice"] = (self.dice_sum[i] / count).float()
-        if self.config.noc:
-            for i, thr in enumerate(self.config.noc_thresholds):
-                out[noc_name(thr)] = (self.noc_sum[i] / count).float()
-        for i in range(self.curve_sum.numel()):
-            out[f"curve/{i + 1}"] = (self.curve_sum[i] / count).float()
-        out["count"] = self.count.float()
-        return out
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
 
 
-def results_table(values: dict[str, float], config: ProtocolConfig) -> dict[str, Any]:
-    """The structured form of `ProtocolMetric.compute()` written to eval.json."""
+def protocol_metrics(
+    config: ProtocolConfig, prefix: str = "", curve: bool = False
+) -> MetricCollection:
+    """One `ScoreMean` per reported figure: `<protocol>/iou`, `<protocol>/dice`, `noc85`, ...
+
+    `collection.update(scores)` feeds them all; `self.log_dict(collection)` logs them all.
+    With `curve`, also `curve/<n>`: the mIoU after n clicks, for n = 1 .. `config.num_clicks`.
+    """
+    metrics: dict[str, Metric] = {}
+    for name in config.protocols:
+        metrics[f"{name}/iou"] = ScoreMean("iou", name)
+        metrics[f"{name}/dice"] = ScoreMean("dice", name)
+    if config.noc:
+        for thr in config.noc_thresholds:
+            metrics[noc_name(thr)] = ScoreMean("noc", thr, config.max_noc_clicks)
+    if curve:
+        for n in range(1, config.num_clicks + 1):
+            metrics[f"curve/{n}"] = ScoreMean("curve", n)
+    # compute groups would merge figures that happen to agree on the first batch
+    return MetricCollection(metrics, prefix=prefix or None, compute_groups=False)
+
+
+def instance_count(collection: MetricCollection) -> int:
+    """How many instances a collection has seen."""
+    first = next(iter(collection.values()))
+    return int(first.count)
+
+
+def results_table(
+    values: dict[str, float], config: ProtocolConfig, instances: int
+) -> dict[str, Any]:
+    """The structured form of a `protocol_metrics` collection's values, as written to eval.json."""
     table: dict[str, Any] = {
         "protocols": {
             name: {"miou": values[f"{name}/iou"], "dice": values[f"{name}/dice"]}
             for name in config.protocols
         },
-        "instances": int(values["count"]),
+        "instances": instances,
     }
     if config.noc:
         table["noc"] = {noc_name(t): values[noc_name(t)] for t in config.noc_thresholds}
@@ -378,3 +395,79 @@ def markdown_table(results: dict[str, Any], title: str | None = None) -> str:
                 lines.append(f"| {key.replace('noc', 'NoC@')} | {value:.2f} |")
     lines += ["", f"{results['instances']} instances."]
     return "\n".join(lines) + "\n"
+
+
+Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate_loader(
+    encode: Encode,
+    decode: Decode,
+    loader: Iterable[dict[str, Any]],
+    image_size: int,
+    config: ProtocolConfig,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Run the protocols over a data loader and return the eval.json table.
+
+    Args:
+        encode: uint8 images [B, 3, S, S] and input sizes [B, 2] -> embeddings (`SamTask.encode`).
+        decode: see `Decode` (`SamTask.decode`).
+        loader: batches in DESIGN.md's layout.
+        image_size: S.
+        config: which protocols.
+        device: where the model lives; batches are moved there.
+        max_batches: stop early (quick looks); `None` runs the whole split.
+    """
+    metrics = protocol_metrics(config, curve=True).to(device)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {
+            **batch,
+            "images": batch["images"].to(device),
+            "input_size": batch["input_size"].to(device),
+            "masks": [m.to(device) for m in batch["masks"]],
+            "boxes": [b.to(device) for b in batch["boxes"]],
+        }
+        embeddings = encode(batch["images"], batch["input_size"])
+        metrics.update(evaluate_batch(decode, embeddings, batch, image_size, config))
+    count = instance_count(metrics)
+    if count == 0:
+        from sam_lightning.errors import UserError
+
+        raise UserError("the evaluation split has no instances: check data=... and split=...")
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    return results_table(values, config, count)
+
+
+def plot_curves(
+    curves: dict[str, dict[str, Any]], path: str | Path, title: str = "mIoU against clicks"
+) -> Path:
+    """eval.png: mIoU after each click, one line per model; box mIoU as a dashed level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i, (label, results) in enumerate(curves.items()):
+        colour = f"C{i}"
+        ys = results["miou_per_click"]
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, color=colour, label=label)
+        if "box" in results["protocols"]:
+            box = results["protocols"]["box"]["miou"]
+            ax.axhline(box, color=colour, linestyle="--", linewidth=1, label=f"{label}: box")
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -10,11 +10,12 @@ from sam_lightning.errors import UserError
 from sam_lightning.evaluation import (
     InstanceScores,
     ProtocolConfig,
-    ProtocolMetric,
     evaluate_batch,
     evaluate_image,
+    instance_count,
     markdown_table,
     noc,
+    protocol_metrics,
     results_table,
     sam_decoder,
     to_masks,
@@ -92,11 +93,12 @@ def test_ground_truth_decoder_scores_one_everywhere() -> None:
         assert scores.iou[name].tolist() == [1.0, 1.0], name
         assert scores.dice[name].tolist() == [1.0, 1.0], name
     assert scores.curve_iou.shape == (2, 20)
-    metric = ProtocolMetric(config)
+    metric = protocol_metrics(config, curve=True)
     metric.update(scores)
     values = {k: v.item() for k, v in metric.compute().items()}
     assert values["noc85"] == 1.0 and values["noc90"] == 1.0
-    assert values["count"] == 2.0
+    assert values["curve/20"] == 1.0 and values["box_1click/dice"] == 1.0
+    assert instance_count(metric) == 2
 
 
 def test_click_session_prompts_as_the_paper_says() -> None:
@@ -190,7 +192,7 @@ def test_metric_aggregates_over_batches_like_one_batch() -> None:
         curve_iou=torch.tensor([[0.0, 0.3]]),
         curve_dice=torch.tensor([[0.0, 0.4]]),
     )
-    split, whole = ProtocolMetric(config), ProtocolMetric(config)
+    split, whole = protocol_metrics(config, curve=True), protocol_metrics(config, curve=True)
     split.update(a)
     split.update(b)
     whole.update(InstanceScores.cat([a, b]))
@@ -199,8 +201,8 @@ def test_metric_aggregates_over_batches_like_one_batch() -> None:
         assert values["1click/iou"].item() == pytest.approx(0.2)
         assert values["2click/dice"].item() == pytest.approx(2.0 / 3)
         assert values["curve/2"].item() == pytest.approx(values["2click/iou"].item())
-        assert values["count"].item() == 3
-    table = results_table({k: v.item() for k, v in split.compute().items()}, config)
+    assert instance_count(split) == 3
+    table = results_table({k: v.item() for k, v in split.compute().items()}, config, 3)
     assert table["protocols"]["box"]["miou"] == pytest.approx(0.5)
     assert table["miou_per_click"] == pytest.approx([0.2, 17 / 30])
     assert "| box | 0.5000 | 0.5333 |" in markdown_table(table)
@@ -240,9 +242,9 @@ def test_tiny_model_scores_are_fractions() -> None:
         box=True, box_click=True, clicks=(1, 3), oracle=True, noc=True, max_noc_clicks=4
     )
     scores = evaluate_batch(sam_decoder(sam), embeddings, batch, size, config)
-    metric = ProtocolMetric(config)
+    metric = protocol_metrics(config, prefix="val/")
     metric.update(scores)
-    values = metric.compute()
+    values = {k.removeprefix("val/"): v for k, v in metric.compute().items()}
     for name in config.protocols:
         assert scores.iou[name].shape == (2,)
         assert 0.0 <= values[f"{name}/iou"].item() <= 1.0
