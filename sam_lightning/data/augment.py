@@ -91,13 +91,27 @@ def unpack_masks(packed: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-def resize_packed(packed: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of packed masks; equals `transforms.resize_masks` pixel for pixel."""
-    if packed.shape[1:] == (height, width):
-        return packed
-    return np.stack(
-        [cv2.resize(c, (width, height), interpolation=cv2.INTER_NEAREST_EXACT) for c in packed]
-    )
+def nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel, computed exactly as torch's `nearest-exact` (float32).
+
+    OpenCV's INTER_NEAREST_EXACT rounds differently at some scales; reproducing torch's float32
+    arithmetic keeps our masks pixel-identical to `transforms.resize_masks`.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale)
+    return np.minimum(src.astype(np.int64), in_size - 1)
+
+
+def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest resize of the last two axes (label map or packed masks), like `resize_masks`."""
+    if array.shape[-2:] == (height, width):
+        return array
+    rows = nearest_exact_index(array.shape[-2], height)
+    cols = nearest_exact_index(array.shape[-1], width)
+    return array.take(rows, axis=-2).take(cols, axis=-1)
+
+
+resize_packed = resize_nearest
 
 
 class AlbumentationsAugment:
@@ -220,11 +234,7 @@ def prepare_sample(
     if labels is not None:
         n = int(labels.max(initial=0)) if count is None else count
         if max(original_size) > image_size:
-            labels = cv2.resize(
-                labels.astype(np.int32, copy=False),
-                target[::-1],
-                interpolation=cv2.INTER_NEAREST_EXACT,
-            )
+            labels = resize_nearest(labels, *target)
         packed = pack_labels(labels, n)
     elif masks is not None:
         n = masks.shape[0]

@@ -1,0 +1,150 @@
+"""Augmentation: masks, boxes and image stay aligned; seeded; the fast path equals make_sample."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sam_lightning.data.augment import (
+    AlbumentationsAugment,
+    build_augment,
+    default_train_transforms,
+    pack_labels,
+    pack_masks,
+    prepare_sample,
+    resize_packed,
+    unpack_masks,
+)
+from sam_lightning.data.io import labels_to_masks
+from sam_lightning.data.sample import make_sample
+from sam_lightning.data.transforms import boxes_from_masks, resize_masks
+from sam_lightning.errors import UserError
+
+
+def _scene(seed: int, n: int, h: int = 60, w: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose red channel marks the union of n overlapping rectangles."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, h, w), dtype=bool)
+    for k in range(n):
+        y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        masks[k, y : y + rng.integers(4, 30), x : x + rng.integers(4, 30)] = True
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    image[..., 0] = masks.any(axis=0) * 255
+    image[..., 1] = 128
+    return image, masks
+
+
+def test_packing_round_trips_any_count_with_overlaps() -> None:
+    for n in (0, 1, 8, 9, 17):
+        _, masks = _scene(n, n)
+        np.testing.assert_array_equal(unpack_masks(pack_masks(masks), n), masks)
+
+
+def test_label_packing_equals_mask_packing() -> None:
+    rng = np.random.default_rng(0)
+    for top in (0, 3, 20, 300):
+        labels = rng.integers(0, top + 1, (30, 40)).astype(np.int32)
+        np.testing.assert_array_equal(
+            pack_labels(labels, top), pack_masks(labels_to_masks(labels, top))
+        )
+
+
+@pytest.mark.parametrize("size", [(48, 64), (17, 101)])
+def test_packed_resize_equals_resize_masks(size: tuple[int, int]) -> None:
+    _, masks = _scene(3, 11, h=size[0] * 3, w=size[1] * 2)
+    expected = resize_masks(masks, 50)
+    packed = resize_packed(pack_masks(masks), *expected.shape[1:])
+    np.testing.assert_array_equal(unpack_masks(packed, 11), expected)
+
+
+@pytest.mark.parametrize("image_size", [32, 80, 200])
+def test_prepare_sample_equals_make_sample_without_augmentation(image_size: int) -> None:
+    image, masks = _scene(1, 12, h=90, w=70)
+    masks[3] = False  # an empty instance is dropped by both
+    expected = make_sample(image, masks, image_size, "x", min_mask_area=5)
+    for kwargs in ({"masks": masks},):
+        got = prepare_sample(image, image_size, "x", min_mask_area=5, **kwargs)
+        for key in ("image", "masks", "boxes", "input_size", "original_size"):
+            assert torch.equal(got[key], expected[key]), key
+    labels = np.zeros(masks.shape[1:], np.int32)
+    for k in range(masks.shape[0]):  # non-overlapping version for the label path
+        labels[masks[k] & (labels == 0)] = k + 1
+    expected = make_sample(image, labels_to_masks(labels, 12), image_size, "x", min_mask_area=5)
+    got = prepare_sample(image, image_size, "x", labels=labels, count=12, min_mask_area=5)
+    for key in ("image", "masks", "boxes", "input_size", "original_size"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_same_seed_same_result_different_seed_different_result() -> None:
+    image, masks = _scene(0, 5)
+    aug = AlbumentationsAugment(default_train_transforms())
+    a = aug(image, masks, seed=7)
+    b = aug(image, masks, seed=7)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    outs = {aug(image, masks, seed=s)[0].tobytes() for s in range(8)}
+    assert len(outs) > 4
+
+
+def test_unseeded_calls_follow_torch_seed() -> None:
+    image, masks = _scene(0, 5)
+    aug = AlbumentationsAugment(default_train_transforms())
+    torch.manual_seed(3)
+    first = [aug(image, masks)[1] for _ in range(3)]
+    torch.manual_seed(3)
+    again = [aug(image, masks)[1] for _ in range(3)]
+    for x, y in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_augmentation_that_loses_every_object_is_redrawn() -> None:
+    image, masks = _scene(0, 2, h=40, w=40)
+    # shifts the content far out with probability 1/2 (sign of the shift is random)
+    aug = AlbumentationsAugment([A.Affine(translate_px={"x": (-200, 200), "y": 0}, p=1.0)])
+    torch.manual_seed(0)
+    for _ in range(10):
+        sample = prepare_sample(image, 40, "x", masks=masks, augment=aug)
+        assert sample["masks"].shape[0] >= 1
+
+
+def test_config_mappings_are_instantiated_and_empty_means_none() -> None:
+    aug = build_augment([{"_target_": "albumentations.HorizontalFlip", "p": 1.0}])
+    image, masks = _scene(0, 3)
+    out_image, out_masks = aug(image, masks)
+    np.testing.assert_array_equal(out_image, image[:, ::-1])
+    np.testing.assert_array_equal(out_masks, masks[:, :, ::-1])
+    assert build_augment([]) is None and build_augment(None) is None
+    with pytest.raises(UserError, match="not an albumentations transform"):
+        build_augment(["flip"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 2), n=st.integers(1, 12), scene=st.integers(0, 1000))
+def test_property_boxes_are_mask_bounds_and_image_follows_masks(
+    seed: int, n: int, scene: int
+) -> None:
+    image, masks = _scene(scene, n)
+    aug = AlbumentationsAugment(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(scale=(0.7, 1.3), translate_percent=(-0.2, 0.2), rotate=(-30, 30), p=1.0),
+        ]
+    )
+    torch.manual_seed(seed)
+    sample = prepare_sample(image, 64, "x", masks=masks, augment=aug, min_mask_area=4)
+    got_masks, boxes = sample["masks"], sample["boxes"]
+    assert got_masks.shape[0] >= 1
+    assert torch.equal(boxes, boxes_from_masks(got_masks))
+    assert bool((got_masks.flatten(1).sum(1) >= 4).all())
+    # the image moved with the masks: the mask interiors are red (edges differ: the image
+    # is interpolated bilinearly, masks by nearest neighbour)
+    red = sample["image"][0] > 127
+    union = got_masks.any(0)
+    interior = union.clone()
+    interior[1:-1, 1:-1] &= union[:-2, 1:-1] & union[2:, 1:-1] & union[1:-1, :-2] & union[1:-1, 2:]
+    assert (red & interior).sum() >= 0.95 * interior.sum()
