@@ -20,7 +20,9 @@ def sample_box_prompts(
     w = (boxes[:, 2] - boxes[:, 0]).unsqueeze(1)
     h = (boxes[:, 3] - boxes[:, 1]).unsqueeze(1)
     side = torch.cat([w, h, w, h], dim=1)
-    noise = torch.randn(boxes.shape, generator=generator, device=boxes.device if generator is None else "cpu")
+    noise = torch.randn(
+        boxes.shape, generator=generator, device=boxes.device if generator is None else "cpu"
+    )
     noise = noise.to(boxes.device) * noise_std * side
     noise = noise.clamp(-max_noise, max_noise)
     out = boxes + noise
@@ -41,3 +43,142 @@ def select_instances(
     if num_instances <= max_instances:
         return torch.arange(num_instances)
     return torch.randperm(num_instances, generator=generator)[:max_instances].sort().values
+
+
+PROMPT_MODES = ("box", "point", "both", "interactive")
+
+
+def large_mask_filter(
+    masks: torch.Tensor, input_size: tuple[int, int], max_fraction: float = 0.9
+) -> torch.Tensor:
+    """[K] bool, True for masks covering at most `max_fraction` of the image (SAM recipe).
+
+    A mask over 90% of the image is usually the background or a labelling slip, and a prompt
+    for it teaches nothing about objects.
+    """
+    area = masks.reshape(masks.shape[0], -1).sum(dim=1)
+    return area <= max_fraction * input_size[0] * input_size[1]
+
+
+def _draw(weights: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`count` flat indices per row of `weights` [K, M], uniform over its non-zero entries."""
+    has_any = weights.sum(dim=1) > 0
+    safe = torch.where(has_any[:, None], weights, torch.ones_like(weights))
+    if generator is not None and generator.device != safe.device:
+        return torch.multinomial(safe.cpu(), count, True, generator=generator).to(safe.device)
+    return torch.multinomial(safe, count, replacement=True, generator=generator)
+
+
+def sample_point_prompts(
+    masks: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    num_positive: int = 1,
+    num_negative: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points drawn uniformly inside each mask, and negatives from its box's background.
+
+    Args:
+        masks: [K, H, W] bool, non-empty.
+        boxes: [K, 4] XYXY boxes whose background (box minus mask) gives the negatives;
+            the masks' own bounding boxes when None.
+        num_positive, num_negative: points per instance.
+
+    Returns:
+        points [K, P, 2] float (x, y) pixel indices and labels [K, P] long, P = num_positive +
+        num_negative: 1 positive, 0 negative, -1 padding (a negative when the mask fills its
+        box; SAM's prompt encoder ignores -1 points).
+    """
+    k, h, w = masks.shape
+    if k == 0 or num_positive + num_negative == 0:
+        return masks.new_zeros((k, 0, 2), dtype=torch.float32), masks.new_zeros(
+            (k, 0), dtype=torch.long
+        )
+    flat = masks.reshape(k, -1)
+    chunks = []
+    labels = []
+    if num_positive > 0:
+        idx = _draw(flat.float(), num_positive, generator)
+        chunks.append(idx)
+        labels.append(torch.ones_like(idx))
+    if num_negative > 0:
+        if boxes is None:
+            from sam_lightning.data.transforms import boxes_from_masks
+
+            boxes = boxes_from_masks(masks)
+        ys = torch.arange(h, device=masks.device)[None, :, None]
+        xs = torch.arange(w, device=masks.device)[None, None, :]
+        b = boxes.round().long()
+        inside = (
+            (xs >= b[:, 0, None, None])
+            & (xs < b[:, 2, None, None])
+            & (ys >= b[:, 1, None, None])
+            & (ys < b[:, 3, None, None])
+        )
+        background = (inside & ~masks).reshape(k, -1)
+        idx = _draw(background.float(), num_negative, generator)
+        chunks.append(idx)
+        has_background = background.any(dim=1, keepdim=True)
+        labels.append(torch.where(has_background, 0, -1).expand_as(idx))
+    if not chunks:
+        return masks.new_zeros((k, 0, 2), dtype=torch.float32), masks.new_zeros(
+            (k, 0), dtype=torch.long
+        )
+    index = torch.cat(chunks, dim=1)
+    points = torch.stack([index % w, index // w], dim=2).float()
+    return points, torch.cat(labels, dim=1).long()
+
+
+def build_training_prompts(
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    input_size: tuple[int, int],
+    cfg: dict,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor | bool | None]:
+    """The prompts of one training image, from `conf/prompt/*` (`mode` box, point, both or
+    interactive).
+
+    Masks over `max_mask_fraction` of the image are dropped, at most `max_instances` are kept (a
+    new random subset at every call, so every epoch), then each gets a noisy box (`box`, `both`,
+    `interactive`) and/or `num_points` positive points inside the mask plus `num_negative`
+    negatives from its box's background (`point`, `both`).
+
+    Returns:
+        `masks` and `boxes` of the kept instances (noisy boxes, or None for `point`), `points`
+        and `labels` (or None), and `multimask`: True for a single point, the ambiguous prompt
+        SAM answers with its three-output head.
+    """
+    mode = cfg.get("mode", "box")
+    if mode not in PROMPT_MODES:
+        from sam_lightning.errors import UserError
+
+        raise UserError(f"prompt.mode={mode!r}; expected one of {PROMPT_MODES}")
+    keep = large_mask_filter(masks, input_size, float(cfg.get("max_mask_fraction", 0.9)))
+    masks, boxes = masks[keep], boxes[keep]
+    idx = select_instances(masks.shape[0], int(cfg.get("max_instances", 32)), generator)
+    idx = idx.to(masks.device)
+    masks, boxes = masks[idx], boxes[idx]
+    out: dict[str, torch.Tensor | bool | None] = {
+        "masks": masks,
+        "boxes": None,
+        "points": None,
+        "labels": None,
+        "multimask": False,
+    }
+    if mode in ("box", "both", "interactive"):
+        out["boxes"] = sample_box_prompts(
+            boxes,
+            input_size,
+            float(cfg.get("box_noise_std", 0.1)),
+            float(cfg.get("box_max_noise", 20.0)),
+            generator,
+        )
+    if mode in ("point", "both"):
+        num_pos = int(cfg.get("num_points", 1))
+        num_neg = int(cfg.get("num_negative", 0))
+        out["points"], out["labels"] = sample_point_prompts(
+            masks, boxes, num_pos, num_neg, generator
+        )
+        out["multimask"] = mode == "point" and num_pos + num_neg == 1
+    return out

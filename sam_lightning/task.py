@@ -19,7 +19,7 @@ from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
 from sam_lightning.model.build import build_sam
 from sam_lightning.model.strategies import instantiate_strategy
-from sam_lightning.prompts import sample_box_prompts, select_instances
+from sam_lightning.prompts import build_training_prompts
 
 DEFAULT_PROMPT = {"mode": "box", "max_instances": 32, "box_noise_std": 0.1, "box_max_noise": 20.0}
 DEFAULT_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999)}
@@ -131,13 +131,13 @@ class SamTask(L.LightningModule):
             if masks.shape[0] == 0:
                 continue
             h, w = (int(v) for v in batch["input_size"][i])
-            if training:
-                idx = select_instances(masks.shape[0], self.prompt_cfg["max_instances"])
-                masks, boxes = masks[idx], boxes[idx]
-                boxes = sample_box_prompts(
-                    boxes, (h, w), self.prompt_cfg["box_noise_std"], self.prompt_cfg["box_max_noise"]
-                )
-            low_res, iou_pred = self.decode(embeddings[i : i + 1], boxes=boxes)
+            prompts = {"boxes": boxes, "points": None, "labels": None, "multimask": False}
+            if training:  # prompt=box|point|both (sam_lightning.prompts)
+                prompts = build_training_prompts(masks, boxes, (h, w), self.prompt_cfg)
+                masks, boxes = prompts.pop("masks"), prompts["boxes"]
+                if masks.shape[0] == 0:  # every mask covered > 90% of the image
+                    continue
+            low_res, iou_pred = self.decode(embeddings[i : i + 1], **prompts)
             logits = self.upscale(low_res)
             loss, parts = self.loss_fn(logits, iou_pred, masks)
             losses.append(loss)
