@@ -44,7 +44,7 @@ def make_sample(
     image = resize_image(image, image_size)
     masks = resize_masks(masks, image_size)
     input_size = image.shape[:2]
-    keep = masks.reshape(masks.shape[0], -1).sum(axis=1) >= min_mask_area
+    keep = masks.sum(axis=(1, 2)) >= min_mask_area
     masks = masks[keep]
     masks_t = torch.from_numpy(pad_masks(masks, image_size))
     return {

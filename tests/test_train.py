@@ -1,0 +1,117 @@
+"""End-to-end training on the tiny model: it learns, checkpoints reload, runs resume, errors are clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sam_lightning.errors import TrainingStopped
+from sam_lightning.model.build import build_sam
+from sam_lightning.task import SamTask
+from sam_lightning.training import build_task, train
+from tests.conftest import quickstart
+
+STEPS_PER_EPOCH = 2  # 16 training images, batch 8
+EPOCHS = 4
+
+
+def _validate(task: SamTask, cfg) -> float:
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+    return trainer.validate(task, datamodule=instantiate(cfg.data), verbose=False)[0]["val/iou"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
+    """A short quickstart run, and the val/iou of the same model before training."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = quickstart(out, synthetic_root, f"trainer.max_epochs={EPOCHS}", "scheduler.warmup_steps=2")
+    torch.manual_seed(cfg.seed)
+    untrained_iou = _validate(build_task(cfg), cfg)
+    summary = train(cfg)
+    return cfg, summary, untrained_iou
+
+
+def test_fast_dev_run(tmp_path: Path, synthetic_root: Path) -> None:
+    summary = train(quickstart(tmp_path, synthetic_root, "debug=fast_dev_run"))
+    assert summary["params"]["total"]["trainable"] == summary["params"]["total"]["total"] > 1e6
+    assert 0.0 <= summary["best"]["val/iou"] <= 1.0
+
+
+def test_training_raises_val_iou(trained_run) -> None:
+    cfg, summary, untrained_iou = trained_run
+    assert summary["best"]["val/iou"] > untrained_iou + 0.1
+    on_disk = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert on_disk["best"] == summary["best"]
+    assert set(on_disk["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder", "total"}
+    assert 0.2 < on_disk["reference"]["box_fill_iou"] < 0.8
+    assert len(on_disk["history"]) == EPOCHS and on_disk["seconds"] > 0
+    assert Path(on_disk["best_ckpt"]).is_file() and Path(on_disk["last_ckpt"]).is_file()
+    assert list((Path(cfg.paths.output_dir) / "overlays").glob("epoch_*.png"))
+
+
+def test_best_checkpoint_reloads(trained_run) -> None:
+    cfg, summary, _ = trained_run
+    task = SamTask.load_from_checkpoint(summary["best_ckpt"], weights_only=True)
+    assert abs(_validate(task, cfg) - summary["best"]["val/iou"]) < 1e-4
+    sam = build_sam("tiny", checkpoint=summary["best_ckpt"])  # our Lightning ckpt as a plain Sam
+    for k, v in task.sam.state_dict().items():
+        assert torch.equal(v, sam.state_dict()[k]), k
+
+
+def test_resume_continues_step_optimizer_and_schedule(trained_run, tmp_path: Path, synthetic_root: Path) -> None:
+    cfg, summary, _ = trained_run
+    resumed = quickstart(
+        tmp_path, synthetic_root, f"trainer.max_epochs={EPOCHS + 1}", "scheduler.warmup_steps=2",
+        f"ckpt_path={summary['last_ckpt']}",
+    )
+    new = train(resumed)
+    ckpt = torch.load(new["last_ckpt"], map_location="cpu", weights_only=True)
+    expected = (EPOCHS + 1) * STEPS_PER_EPOCH
+    assert ckpt["global_step"] == expected
+    first_state = next(iter(ckpt["optimizer_states"][0]["state"].values()))
+    assert int(first_state["step"]) == expected  # Adam moments carried over, not restarted
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == expected
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained_run, synthetic_root: Path) -> None:
+    cfg, summary, _ = trained_run
+    last = Path(summary["last_ckpt"])
+    before = last.read_bytes()
+    broken = quickstart(
+        Path(cfg.paths.output_dir), synthetic_root, f"trainer.max_epochs={EPOCHS + 1}",
+        "loss.focal_weight=nan", f"ckpt_path={last}",
+    )
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* global step 8 on images train_"):
+        train(broken)
+    assert last.read_bytes() == before
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "-m", "sam_lightning.train", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model.checkpoint=/nowhere/sam_tiny.pth"], "checkpoint not found: /nowhere/sam_tiny.pth"),
+        (["data=directory", "data.root=/nowhere/data"], "image folder not found: /nowhere/data/images/train"),
+        (["strategy=no_such_strategy"], "no_such_strategy"),
+    ],
+    ids=["missing-checkpoint", "missing-data", "unknown-strategy"],
+)
+def test_cli_errors_are_one_message_without_traceback(args, expected, tmp_path: Path, synthetic_root: Path) -> None:
+    result = _cli("experiment=quickstart", f"data.root={synthetic_root}", *args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
