@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from sam_lightning.errors import TrainingStopped
+from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
+from sam_lightning.interactive import InteractiveConfig, interactive_session
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
 from sam_lightning.model.build import build_sam
@@ -36,6 +38,8 @@ class SamTask(L.LightningModule):
         prompt: prompt simulation (`mode`, `max_instances`, box noise).
         optimizer: AdamW settings (`lr`, `weight_decay`, `betas`).
         scheduler: linear warmup (`warmup_steps`) then cosine decay to `min_lr_ratio * lr`.
+        evaluation: the protocols validation and test run (`ProtocolConfig`: box and one
+            click by default), logged as `val/<protocol>/iou` and `val/<protocol>/dice`.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class SamTask(L.LightningModule):
         prompt: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        evaluation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -56,6 +61,10 @@ class SamTask(L.LightningModule):
         self.prompt_cfg = {**DEFAULT_PROMPT, **(prompt or {})}
         self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
+        self.eval_protocol = ProtocolConfig.from_dict(evaluation)
+        self.protocol_metrics = torch.nn.ModuleDict(
+            {s: protocol_metrics(self.eval_protocol, f"{s}/") for s in ("val", "test")}
+        )
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": mask_metrics(f"{stage}/") for stage in ("train", "val", "test")}
         )
@@ -120,10 +129,38 @@ class SamTask(L.LightningModule):
             low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False
         )
 
+    # ---- SAM's interactive recipe and evaluation protocol (issue 5) -----------------------------
+    def _interactive_session(
+        self, embedding: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor, hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompt.mode=interactive`: the simulated click session of `sam_lightning.interactive`."""
+        result = interactive_session(
+            self.decode,
+            lambda low, iou, gt: self.loss_fn(self.upscale(low), iou, gt),
+            embedding,
+            masks,
+            boxes,
+            hw,
+            InteractiveConfig.from_dict(self.prompt_cfg),
+        )
+        self.log("train/iou_first_round", result.round_iou[0], on_step=False, on_epoch=True, batch_size=1)
+        self.log("train/iou_last_round", result.round_iou[-1], on_step=False, on_epoch=True, batch_size=1)
+        return result.loss, result.pred
+
+    def _evaluate_protocols(self, batch: dict[str, Any], embeddings: torch.Tensor, stage: str) -> None:
+        """The paper's protocols with the code `python -m sam_lightning.evaluate` runs."""
+        collection = self.protocol_metrics[stage]
+        collection.update(
+            evaluate_batch(self.decode, embeddings, batch, self.image_size, self.eval_protocol)
+        )
+        self.log_dict(collection, on_step=False, on_epoch=True, batch_size=len(batch["masks"]))
+
     # ---- one step for every stage ------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         training = stage == "train"
         embeddings = self.encode(batch["images"], batch["input_size"])
+        if not training:
+            self._evaluate_protocols(batch, embeddings, stage)
         losses = []
         metrics = self.metrics[f"{stage}_metrics"]
         keep_examples = stage == "val" and not self.val_examples
@@ -137,12 +174,15 @@ class SamTask(L.LightningModule):
                 masks, boxes = prompts.pop("masks"), prompts["boxes"]
                 if masks.shape[0] == 0:  # every mask covered > 90% of the image
                     continue
-            low_res, iou_pred = self.decode(embeddings[i : i + 1], **prompts)
-            logits = self.upscale(low_res)
-            loss, parts = self.loss_fn(logits, iou_pred, masks)
+            if training and self.prompt_cfg["mode"] == "interactive":
+                loss, pred = self._interactive_session(embeddings[i : i + 1], masks, boxes, (h, w))
+            else:
+                low_res, iou_pred = self.decode(embeddings[i : i + 1], **prompts)
+                logits = self.upscale(low_res)
+                loss, parts = self.loss_fn(logits, iou_pred, masks)
+                rows = torch.arange(logits.shape[0], device=logits.device)
+                pred = logits[rows, parts["best"]] > 0
             losses.append(loss)
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            pred = logits[rows, parts["best"]] > 0
             metrics.update(pred[:, :h, :w], masks[:, :h, :w])
             if keep_examples:
                 self.val_examples.append(

@@ -37,6 +37,7 @@ def build_task(cfg: DictConfig) -> SamTask:
         prompt=plain(cfg.prompt),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
+        evaluation=plain(cfg.get("evaluation")),
     )
 
 
