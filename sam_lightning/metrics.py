@@ -58,5 +58,9 @@ class MaskDice(_MeanPerMask):
 
 
 def mask_metrics(prefix: str) -> MetricCollection:
-    """`{prefix}iou` and `{prefix}dice` for one stage."""
-    return MetricCollection({"iou": MaskIoU(), "dice": MaskDice()}, prefix=prefix)
+    """`{prefix}iou` and `{prefix}dice` for one stage.
+
+    Compute groups are off: the two metrics have the same state names, and torchmetrics would
+    otherwise merge them into one and report the Dice as the IoU.
+    """
+    return MetricCollection({"iou": MaskIoU(), "dice": MaskDice()}, prefix=prefix, compute_groups=False)

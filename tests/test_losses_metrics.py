@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sam_lightning.losses import SamLoss
-from sam_lightning.metrics import MaskDice, MaskIoU, mask_iou
+from sam_lightning.metrics import MaskDice, MaskIoU, mask_iou, mask_metrics
 
 
 def _square(size: int, lo: int, hi: int) -> torch.Tensor:
@@ -46,3 +46,15 @@ def test_loss_is_small_for_a_perfect_mask_and_large_for_its_inverse() -> None:
     loss_bad, _ = SamLoss()(-perfect, torch.zeros(1, 1), target)
     assert loss_good.item() < 1e-3
     assert loss_bad.item() > 10
+
+
+def test_collection_keeps_iou_and_dice_apart() -> None:
+    a = _square(10, 0, 4)
+    b = torch.zeros(10, 10, dtype=torch.bool)
+    b[0:4, 0:2] = True
+    collection = mask_metrics("val/")
+    for _ in range(2):  # torchmetrics forms compute groups after the first update
+        collection.update(a[None], b[None])
+    values = collection.compute()
+    assert abs(values["val/iou"].item() - 0.5) < 1e-6
+    assert abs(values["val/dice"].item() - 2 * 8 / 24) < 1e-6
