@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("triangle", "star", "cross", "ring", "ellipse", "ell")
+GENERATOR_VERSION = 2  # part of the cache key: a change here rewrites cached datasets
 
 
 def _texture(rng: np.random.Generator, height: int, width: int, saturation: float = 1.0) -> np.ndarray:
@@ -85,14 +86,16 @@ def make_synthetic_image(
     n = int(rng.integers(2, max_shapes + 1))
     for k in range(1, n + 1):
         mask = _shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], rng, height, width)
-        fill = _texture(rng, height, width) * 0.5 + rng.uniform(0, 255, size=3) * 0.5
+        colour = rng.uniform(0, 255, size=3)
+        colour[rng.integers(3)] = rng.choice([20.0, 235.0])  # saturated: stands out of the grey-ish ground
+        fill = colour + rng.normal(0, 12, size=(height, width, 3))
         image[mask] = fill[mask]
         labels[mask] = k  # later shapes occlude earlier ones
     # instances hidden almost entirely by later ones are relabelled background
     for k in range(1, n + 1):
         if (labels == k).sum() < 64:
             labels[labels == k] = 0
-    return image.astype(np.uint8), labels
+    return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
 def write_synthetic_dataset(
@@ -105,7 +108,7 @@ def write_synthetic_dataset(
 ) -> Path:
     """Write (once) the synthetic dataset under `root`; the same arguments give the same files."""
     root = Path(root)
-    params = {"num_train": num_train, "num_val": num_val, "height": height, "width": width, "seed": seed}
+    params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "height": height, "width": width, "seed": seed}
     marker = root / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
