@@ -49,24 +49,38 @@ PROMPT_MODES = ("box", "point", "both", "interactive")
 
 
 def large_mask_filter(
-    masks: torch.Tensor, input_size: tuple[int, int], max_fraction: float = 0.9
+    masks: torch.Tensor,
+    input_size: tuple[int, int],
+    max_fraction: float = 0.9,
+    boxes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[K] bool, True for masks covering at most `max_fraction` of the image (SAM recipe).
 
     A mask over 90% of the image is usually the background or a labelling slip, and a prompt
-    for it teaches nothing about objects.
+    for it teaches nothing about objects. With the masks' `boxes`, only masks whose box is
+    large enough are counted pixel by pixel (a full-size count is slow on a CPU).
     """
-    area = masks.reshape(masks.shape[0], -1).sum(dim=1)
-    return area <= max_fraction * input_size[0] * input_size[1]
+    limit = max_fraction * input_size[0] * input_size[1]
+    keep = torch.ones(masks.shape[0], dtype=torch.bool, device=masks.device)
+    if boxes is not None:
+        box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        suspects = torch.nonzero(box_area > limit).squeeze(1)
+    else:
+        suspects = torch.arange(masks.shape[0], device=masks.device)
+    if suspects.numel():
+        area = masks[suspects].reshape(suspects.numel(), -1).sum(dim=1)
+        keep[suspects] = area <= limit
+    return keep
 
 
-def _draw(weights: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """`count` flat indices per row of `weights` [K, M], uniform over its non-zero entries."""
-    has_any = weights.sum(dim=1) > 0
-    safe = torch.where(has_any[:, None], weights, torch.ones_like(weights))
-    if generator is not None and generator.device != safe.device:
-        return torch.multinomial(safe.cpu(), count, True, generator=generator).to(safe.device)
-    return torch.multinomial(safe, count, replacement=True, generator=generator)
+def _pick(region: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`count` flat indices drawn uniformly (with replacement) from the True entries of a
+    small bool region; empty if it has none."""
+    where = torch.nonzero(region.reshape(-1)).squeeze(1)
+    if where.numel() == 0:
+        return where
+    draw = torch.randint(where.numel(), (count,), generator=generator).to(where.device)
+    return where[draw]
 
 
 def sample_point_prompts(
@@ -79,54 +93,42 @@ def sample_point_prompts(
     """Points drawn uniformly inside each mask, and negatives from its box's background.
 
     Args:
-        masks: [K, H, W] bool, non-empty.
-        boxes: [K, 4] XYXY boxes whose background (box minus mask) gives the negatives;
-            the masks' own bounding boxes when None.
+        masks: [K, H, W] bool.
+        boxes: [K, 4] XYXY boxes of the masks (their tight boxes; computed when None). Points
+            are drawn inside them: a crop per instance instead of K full-size scans.
         num_positive, num_negative: points per instance.
 
     Returns:
         points [K, P, 2] float (x, y) pixel indices and labels [K, P] long, P = num_positive +
         num_negative: 1 positive, 0 negative, -1 padding (a negative when the mask fills its
-        box; SAM's prompt encoder ignores -1 points).
+        box, or a positive of an empty mask; SAM's prompt encoder ignores -1 points).
     """
-    k, h, w = masks.shape
-    if k == 0 or num_positive + num_negative == 0:
-        return masks.new_zeros((k, 0, 2), dtype=torch.float32), masks.new_zeros(
-            (k, 0), dtype=torch.long
-        )
-    flat = masks.reshape(k, -1)
-    chunks = []
-    labels = []
-    if num_positive > 0:
-        idx = _draw(flat.float(), num_positive, generator)
-        chunks.append(idx)
-        labels.append(torch.ones_like(idx))
-    if num_negative > 0:
-        if boxes is None:
-            from sam_lightning.data.transforms import boxes_from_masks
+    k = masks.shape[0]
+    total = num_positive + num_negative
+    points = torch.zeros((k, total, 2), dtype=torch.float32)
+    labels = torch.full((k, total), -1, dtype=torch.long)
+    if k == 0 or total == 0:
+        return points.to(masks.device), labels.to(masks.device)
+    if boxes is None:
+        from sam_lightning.data.transforms import boxes_from_masks
 
-            boxes = boxes_from_masks(masks)
-        ys = torch.arange(h, device=masks.device)[None, :, None]
-        xs = torch.arange(w, device=masks.device)[None, None, :]
-        b = boxes.round().long()
-        inside = (
-            (xs >= b[:, 0, None, None])
-            & (xs < b[:, 2, None, None])
-            & (ys >= b[:, 1, None, None])
-            & (ys < b[:, 3, None, None])
-        )
-        background = (inside & ~masks).reshape(k, -1)
-        idx = _draw(background.float(), num_negative, generator)
-        chunks.append(idx)
-        has_background = background.any(dim=1, keepdim=True)
-        labels.append(torch.where(has_background, 0, -1).expand_as(idx))
-    if not chunks:
-        return masks.new_zeros((k, 0, 2), dtype=torch.float32), masks.new_zeros(
-            (k, 0), dtype=torch.long
-        )
-    index = torch.cat(chunks, dim=1)
-    points = torch.stack([index % w, index // w], dim=2).float()
-    return points, torch.cat(labels, dim=1).long()
+        boxes = boxes_from_masks(masks)
+    for j, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+        crop = masks[j, y0:y1, x0:x1]
+        width = max(x1 - x0, 1)
+        for start, count, region, label in (
+            (0, num_positive, crop, 1),
+            (num_positive, num_negative, ~crop, 0),
+        ):
+            if count == 0:
+                continue
+            flat = _pick(region, count, generator).cpu()
+            if flat.numel() == 0:
+                continue
+            points[j, start : start + count, 0] = (flat % width + x0).float()
+            points[j, start : start + count, 1] = (flat // width + y0).float()
+            labels[j, start : start + count] = label
+    return points.to(masks.device), labels.to(masks.device)
 
 
 def build_training_prompts(
@@ -154,7 +156,7 @@ def build_training_prompts(
         from sam_lightning.errors import UserError
 
         raise UserError(f"prompt.mode={mode!r}; expected one of {PROMPT_MODES}")
-    keep = large_mask_filter(masks, input_size, float(cfg.get("max_mask_fraction", 0.9)))
+    keep = large_mask_filter(masks, input_size, float(cfg.get("max_mask_fraction", 0.9)), boxes)
     masks, boxes = masks[keep], boxes[keep]
     idx = select_instances(masks.shape[0], int(cfg.get("max_instances", 32)), generator)
     idx = idx.to(masks.device)

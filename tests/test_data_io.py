@@ -218,3 +218,11 @@ def test_missing_mask_names_the_file(tmp_path: Path) -> None:
 def test_unknown_format_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown mask format"):
         mask_labels(np.zeros((2, 2), np.uint8), "polygon")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_distinct_values_equal_numpy_unique(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    for top in (1, 7, 255):
+        array = rng.choice([0, 3, top], size=(30, 40)).astype(dtype)
+        np.testing.assert_array_equal(io.distinct_values(array), np.unique(array))

@@ -226,11 +226,23 @@ def _collapse_channels(array: np.ndarray) -> np.ndarray:
     return ids.reshape(array.shape[:2]).astype(np.int32)
 
 
+def distinct_values(array: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer mask; a histogram for 8/16-bit masks (several
+    times faster than `np.unique` on a 2 MP mask, which matters once per sample)."""
+    if array.dtype == np.uint8:
+        hist = cv2.calcHist([np.ascontiguousarray(array)], [0], None, [256], [0, 256])
+        return np.flatnonzero(hist.ravel()).astype(np.uint8)
+    if array.dtype == np.uint16:
+        return np.flatnonzero(np.bincount(array.ravel(), minlength=1)).astype(np.uint16)
+    return np.unique(array)
+
+
 def check_mask_values(
     array: np.ndarray,
     mask_format: str,
     path: str | Path,
     num_classes: int | None = None,
+    values: np.ndarray | None = None,
 ) -> None:
     """Raise `InvalidSample` if the stored values do not fit the declared format.
 
@@ -239,7 +251,7 @@ def check_mask_values(
     """
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"unknown mask format {mask_format!r}; expected one of {MASK_FORMATS}")
-    values = np.unique(array)
+    values = distinct_values(array) if values is None else values
     if mask_format in ("binary", "components"):
         if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
             return
@@ -300,7 +312,8 @@ def mask_labels(
         (labels int32 [H, W] with 0 background and 1..N the instances, class id of each
         instance: 1 for binary formats, the instance id itself for instance masks).
     """
-    check_mask_values(array, mask_format, path, num_classes)
+    values = distinct_values(array)
+    check_mask_values(array, mask_format, path, num_classes, values)
     if mask_format == "binary":
         fg = array > 0
         return fg.astype(np.int32), [1] if fg.any() else []
@@ -308,15 +321,14 @@ def mask_labels(
         labels, n = _components(array > 0)
         return labels, [1] * n
     if mask_format == "instance":
-        ids = np.unique(array)
-        ids = ids[ids > 0]
+        ids = values[values > 0]
         if ids.size and ids[-1] == ids.size:  # already 1..N
             return array.astype(np.int32, copy=False), ids.tolist()
         lut = np.zeros(int(ids[-1]) + 1 if ids.size else 1, dtype=np.int32)
         lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
         return lut[array], ids.tolist()
     # semantic
-    ids = np.unique(array)
+    ids = values
     keep = [
         int(c) for c in ids if c > 0 and c != ignore_index and (classes is None or c in classes)
     ]
