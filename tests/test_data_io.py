@@ -226,3 +226,20 @@ def test_distinct_values_equal_numpy_unique(dtype: type) -> None:
     for top in (1, 7, 255):
         array = rng.choice([0, 3, top], size=(30, 40)).astype(dtype)
         np.testing.assert_array_equal(io.distinct_values(array), np.unique(array))
+
+
+def test_truncated_jpeg_is_refused_when_strict(tmp_path: Path) -> None:
+    Image.fromarray(_rgb(200, 300)).save(tmp_path / "t.jpg", quality=95)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidSample, match=r"t\.jpg") as err:
+        read_image(tmp_path / "t.jpg", strict=True)
+    assert err.value.kind == io.BAD_IMAGE
+
+
+def test_fast_jpeg_path_matches_pillow_closely(tmp_path: Path) -> None:
+    Image.fromarray(_rgb(64, 96)).save(tmp_path / "a.jpg", quality=90)
+    fast = read_image(tmp_path / "a.jpg").astype(int)
+    exact = read_image(tmp_path / "a.jpg", strict=True).astype(int)
+    assert fast.shape == exact.shape
+    assert np.abs(fast - exact).mean() < 2.0

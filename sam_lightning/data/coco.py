@@ -216,7 +216,8 @@ class CocoInstances(Dataset):
 
     def check(self, index: int) -> None:
         """Raise `InvalidSample` if the image or its annotations cannot make a sample."""
-        image, masks = self.read(index)
+        image = read_image(self.image_path(index), strict=True)
+        masks = self.read_masks(index, *image.shape[:2])
         if not masks.reshape(masks.shape[0], -1).any(axis=1).any():
             raise InvalidSample(
                 NO_INSTANCES, self.image_path(index), "every annotation decodes to an empty mask"

@@ -230,7 +230,7 @@ class DirectoryDataset(Dataset):
     def check(self, index: int) -> None:
         """Raise `InvalidSample` unless image and mask load, agree in size, fit the format and
         hold at least one instance."""
-        image = read_image(self.images[index])
+        image = read_image(self.images[index], strict=True)
         _, classes = self.read_labels(index, image.shape)
         if not classes:
             raise InvalidSample(
