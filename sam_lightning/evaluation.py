@@ -381,19 +381,37 @@ def results_table(
     return table
 
 
-def markdown_table(results: dict[str, Any], title: str | None = None) -> str:
-    """eval.md: one row per protocol, then the NoC figures."""
-    lines = [f"## {title}", ""] if title else []
-    lines += ["| protocol | mIoU | Dice |", "|---|---:|---:|"]
-    for name, row in results["protocols"].items():
-        lines.append(f"| {name} | {row['miou']:.4f} | {row['dice']:.4f} |")
-    if "noc" in results:
-        cap = results["noc"]["max_clicks"]
-        lines += ["", f"| NoC (max {cap} clicks) | clicks |", "|---|---:|"]
-        for key, value in results["noc"].items():
-            if key != "max_clicks":
-                lines.append(f"| {key.replace('noc', 'NoC@')} | {value:.2f} |")
-    lines += ["", f"{results['instances']} instances."]
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    """eval.md: one row per protocol, mIoU and Dice per evaluated model, then the NoC figures.
+
+    Args:
+        runs: label -> the `results_table` of that model (the fine-tuned one, a baseline).
+    """
+    labels = list(runs)
+    first = runs[labels[0]]
+    single = len(labels) == 1
+    heads = (
+        ["mIoU", "Dice"] if single else [f"{lab} {m}" for lab in labels for m in ("mIoU", "Dice")]
+    )
+    lines = ["| protocol | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for name in first["protocols"]:
+        cells = []
+        for lab in labels:
+            row = runs[lab]["protocols"].get(name)
+            cells += [f"{row['miou']:.4f}", f"{row['dice']:.4f}"] if row else ["-", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "noc" in first:
+        cap = first["noc"]["max_clicks"]
+        heads = ["clicks"] if single else labels
+        lines += ["", f"| NoC (at most {cap} clicks) | " + " | ".join(heads) + " |"]
+        lines.append("|---|" + "---:|" * len(heads))
+        for key in first["noc"]:
+            if key == "max_clicks":
+                continue
+            cells = [f"{runs[lab].get('noc', {}).get(key, float('nan')):.2f}" for lab in labels]
+            lines.append(f"| {key.replace('noc', 'NoC@')} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{lab}: {runs[lab]['instances']}" for lab in labels)
+    lines += ["", f"Instances evaluated: {counts}."]
     return "\n".join(lines) + "\n"
 
 
@@ -471,3 +489,150 @@ def plot_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---- the evaluate CLI's pipeline (python -m sam_lightning.evaluate) ----------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` picks the GPU when there is one."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def checkpoint_model(ckpt: str | Path, fallback: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The model size a checkpoint holds (from its metadata or tensor shapes, else `fallback`)
+    and its metadata (`trainable_only`, `strategy`, ...)."""
+    from sam_lightning.model.build import MODEL_SPECS, infer_model_name, read_checkpoint
+
+    state, meta = read_checkpoint(ckpt, fallback)
+    name = meta.get("model") or infer_model_name(state)
+    if name not in MODEL_SPECS:
+        name = fallback or "vit_b"
+    return name, meta
+
+
+def load_model_for_eval(ckpt: str | Path, model_cfg: dict[str, Any] | None = None) -> Any:
+    """A `SamTask` in eval mode holding the weights of `ckpt`, for its `encode` and `decode`.
+
+    `ckpt` may be an official segment-anything file, an export, or a Lightning checkpoint: the
+    model size comes from the file where it says (or its tensor shapes), else from `model_cfg`.
+    Evaluating through `SamTask` keeps preprocessing and decoding identical to validation.
+    """
+    from sam_lightning.model.build import MODEL_SPECS
+    from sam_lightning.task import SamTask
+
+    model_cfg = dict(model_cfg or {})
+    name, meta = checkpoint_model(ckpt, model_cfg.get("name"))
+    model_cfg.update(name=name, image_size=MODEL_SPECS[name].image_size, checkpoint=str(ckpt))
+    if meta.get("trainable_only"):  # frozen weights come from the run's base checkpoint
+        from sam_lightning.model.export import load_task
+
+        task, _ = load_task(ckpt, name)
+    else:
+        task = SamTask(model=model_cfg)
+    task.eval().requires_grad_(False)
+    return task
+
+
+def evaluate_from_config(cfg: Any) -> dict[str, Any]:
+    """Everything `python -m sam_lightning.evaluate` does, from a composed config.
+
+    Writes eval.json, eval.md and eval.png into `cfg.paths.output_dir`, prints the table, sends
+    table and plot to the configured loggers, and returns what eval.json holds.
+    """
+    import json
+
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from sam_lightning.data.sample import collate_samples
+    from sam_lightning.errors import UserError
+    from sam_lightning.training import build_loggers, plain
+
+    device = resolve_device(cfg.get("device"))
+    config = ProtocolConfig.from_dict(plain(cfg.protocol))
+    split = str(cfg.split)
+    loaders: dict[int, DataLoader] = {}
+
+    def loader_for(image_size: int) -> DataLoader:
+        if image_size not in loaders:
+            datamodule = instantiate(cfg.data, splits=[split], image_size=image_size)
+            datamodule.setup("validate")
+            if split not in datamodule.datasets:
+                raise UserError(f"data has no split '{split}': set split=<one of its splits>")
+            loaders[image_size] = DataLoader(
+                datamodule.datasets[split],
+                batch_size=int(cfg.get("batch_size") or datamodule.batch_size),
+                shuffle=False,
+                num_workers=datamodule.num_workers,
+                collate_fn=collate_samples,
+            )
+        return loaders[image_size]
+
+    models = {"model": cfg.ckpt}
+    if cfg.get("baseline"):
+        models["baseline"] = cfg.baseline
+    labels = _curve_labels(models)
+    report: dict[str, Any] = {
+        "split": split,
+        "device": str(device),
+        "protocol": plain(cfg.protocol),
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    for role, ckpt in models.items():
+        task = load_model_for_eval(ckpt, plain(cfg.model)).to(device)
+        results = evaluate_loader(
+            task.encode,
+            task.decode,
+            loader_for(task.image_size),
+            task.image_size,
+            config,
+            device,
+            cfg.get("max_batches"),
+        )
+        report[role] = {"ckpt": str(ckpt), "model": task.hparams["model"]["name"], **results}
+        runs[labels[role]] = results
+        del task
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(runs)
+    (out_dir / "eval.md").write_text(f"# Evaluation on split '{split}'\n\n{table}")
+    plot_curves(runs, out_dir / "eval.png", f"mIoU against clicks ({split})")
+    print(table)
+    print(out_dir / "eval.json")
+    _log_to_loggers(build_loggers(cfg), runs, out_dir / "eval.png")
+    return report
+
+
+def _curve_labels(models: dict[str, Any]) -> dict[str, str]:
+    """Legend labels: the checkpoint file names, or the roles when the names clash."""
+    names = {role: Path(str(ckpt)).stem for role, ckpt in models.items()}
+    if len(set(names.values())) < len(names):
+        return {role: f"{role} ({name})" for role, name in names.items()}
+    return names
+
+
+def _log_to_loggers(loggers: list, runs: dict[str, dict[str, Any]], plot: Path) -> None:
+    """W&B gets a table and the plot; other loggers get the figures as metrics."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            columns = ["model", "protocol", "miou", "dice"]
+            data = [
+                [label, name, row["miou"], row["dice"]]
+                for label, results in runs.items()
+                for name, row in results["protocols"].items()
+            ]
+            logger.log_table(key="eval/table", columns=columns, data=data)
+            logger.log_image(key="eval/miou_vs_clicks", images=[str(plot)])
+        else:
+            for label, results in runs.items():
+                flat = {
+                    f"eval/{label}/{n}/miou": r["miou"] for n, r in results["protocols"].items()
+                }
+                logger.log_metrics(flat, step=0)
+        logger.finalize("success")

@@ -205,7 +205,9 @@ def test_metric_aggregates_over_batches_like_one_batch() -> None:
     table = results_table({k: v.item() for k, v in split.compute().items()}, config, 3)
     assert table["protocols"]["box"]["miou"] == pytest.approx(0.5)
     assert table["miou_per_click"] == pytest.approx([0.2, 17 / 30])
-    assert "| box | 0.5000 | 0.5333 |" in markdown_table(table)
+    assert "| box | 0.5000 | 0.5333 |" in markdown_table({"model": table})
+    two = markdown_table({"tuned": table, "base": table})
+    assert "| protocol | tuned mIoU | tuned Dice | base mIoU | base Dice |" in two
 
 
 def test_protocol_config_from_dict_names_unknown_keys() -> None:
