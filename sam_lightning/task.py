@@ -14,12 +14,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from sam_lightning.errors import TrainingStopped
+from sam_lightning.errors import TrainingStopped, UserError
 from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
 from sam_lightning.interactive import InteractiveConfig, interactive_session
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
 from sam_lightning.model.build import build_sam
+from sam_lightning.model.export import check_same_model, keep_trainable_only, restore_frozen
 from sam_lightning.model.strategies import instantiate_strategy
 from sam_lightning.prompts import build_training_prompts
 
@@ -40,6 +41,8 @@ class SamTask(L.LightningModule):
         scheduler: linear warmup (`warmup_steps`) then cosine decay to `min_lr_ratio * lr`.
         evaluation: the protocols validation and test run (`ProtocolConfig`: box and one
             click by default), logged as `val/<protocol>/iou` and `val/<protocol>/dice`.
+        checkpoint: `trainable_only: true` saves only what trains (plus optimizer state); the
+            frozen weights are read back from `model.checkpoint` when the run is loaded.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class SamTask(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         evaluation: dict[str, Any] | None = None,
+        checkpoint: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +69,13 @@ class SamTask(L.LightningModule):
         self.protocol_metrics = torch.nn.ModuleDict(
             {s: protocol_metrics(self.eval_protocol, f"{s}/") for s in ("val", "test")}
         )
+        self.checkpoint_cfg = {"trainable_only": False, **(checkpoint or {})}
+        if self.checkpoint_cfg["trainable_only"] and not model.get("checkpoint"):
+            raise UserError(
+                "checkpoint.trainable_only=true needs model.checkpoint: the frozen weights are "
+                "read back from it when the run is loaded; set model.checkpoint=<path> or "
+                "checkpoint.trainable_only=false"
+            )
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": mask_metrics(f"{stage}/") for stage in ("train", "val", "test")}
         )
@@ -218,6 +229,15 @@ class SamTask(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_examples = []
+
+    # ---- checkpoints (issue 4) ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_cfg["trainable_only"]:
+            keep_trainable_only(checkpoint, self.sam)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_same_model(checkpoint, self.hparams["model"]["name"])
+        restore_frozen(checkpoint, self.state_dict())
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
