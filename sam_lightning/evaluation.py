@@ -469,6 +469,7 @@ def plot_curves(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for i, (label, results) in enumerate(curves.items()):
@@ -478,6 +479,7 @@ def plot_curves(
         if "box" in results["protocols"]:
             box = results["protocols"]["box"]["miou"]
             ax.axhline(box, color=colour, linestyle="--", linewidth=1, label=f"{label}: box")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("clicks")
     ax.set_ylabel("mIoU")
     ax.set_ylim(0, 1)
