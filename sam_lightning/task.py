@@ -14,11 +14,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from sam_lightning.data.cache import attach_embedding_cache, cached_embeddings
 from sam_lightning.errors import TrainingStopped, UserError
 from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
 from sam_lightning.interactive import InteractiveConfig, interactive_session
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
+from sam_lightning.model.attention import configure_image_encoder, encoder_options
+from sam_lightning.model.batching import decode_in_chunks, resolve_chunk_size
 from sam_lightning.model.build import build_sam
 from sam_lightning.model.export import check_same_model, keep_trainable_only, restore_frozen
 from sam_lightning.model.strategies import instantiate_strategy
@@ -61,6 +64,9 @@ class SamTask(L.LightningModule):
         self.sam = build_sam(**model)
         self.strategy = instantiate_strategy(strategy)
         self.strategy.apply(self.sam)
+        # model.attention, grad_checkpointing, compile, decoder_chunk_size (issue 6)
+        configure_image_encoder(self.sam.image_encoder, **encoder_options(model))
+        self.decoder_chunk_size = model.get("decoder_chunk_size", "auto")
         self.loss_fn = SamLoss(**(loss or {}))
         self.prompt_cfg = {**DEFAULT_PROMPT, **(prompt or {})}
         self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
@@ -109,7 +115,10 @@ class SamTask(L.LightningModule):
         mask_logits: torch.Tensor | None = None,
         multimask: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All K prompts of one image through the prompt encoder and mask decoder together.
+        """All K prompts of one image through the prompt encoder and mask decoder.
+
+        In one call on a GPU, in chunks of `model.decoder_chunk_size` prompts on a CPU, where
+        that was measured faster (`sam_lightning.model.batching`); the result is the same.
 
         Args:
             embedding: [1, C, h, w] embedding of the image.
@@ -121,6 +130,27 @@ class SamTask(L.LightningModule):
         Returns:
             Low-res logits [K, M, 4h, 4w] and predicted IoU [K, M], M = 3 or 1.
         """
+        return decode_in_chunks(
+            self._decode_call,
+            resolve_chunk_size(self.decoder_chunk_size, embedding.device),
+            boxes=boxes,
+            points=points,
+            labels=labels,
+            mask_logits=mask_logits,
+            embedding=embedding,
+            multimask=multimask,
+        )
+
+    def _decode_call(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        mask_logits: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt-encoder and mask-decoder call for the given prompts."""
         sparse, dense = self.sam.prompt_encoder(
             points=(points, labels) if points is not None else None,
             boxes=boxes,
@@ -169,7 +199,9 @@ class SamTask(L.LightningModule):
     # ---- one step for every stage ------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         training = stage == "train"
-        embeddings = self.encode(batch["images"], batch["input_size"])
+        embeddings = cached_embeddings(batch, self.sam.pixel_mean)  # data.cache_embeddings
+        if embeddings is None:
+            embeddings = self.encode(batch["images"], batch["input_size"])
         if not training:
             self._evaluate_protocols(batch, embeddings, stage)
         losses = []
@@ -229,6 +261,10 @@ class SamTask(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_examples = []
+
+    def setup(self, stage: str) -> None:
+        # data.cache_embeddings=true: fill the cache before any loader exists (issue 6)
+        attach_embedding_cache(self, self.trainer.datamodule, self.trainer)
 
     # ---- checkpoints (issue 4) ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -41,6 +41,9 @@ class SamDataModule(L.LightningDataModule):
         directory: `DirectoryDataset` options (mask_format, mask_suffix, classes, ...).
         coco: `CocoInstances` options (categories, include_crowd, min_area, and per-split
             `annotation_files` / `image_dirs`).
+        cache_embeddings: compute each image's embedding once and train from the cache
+            (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
+        cache_dir: where the embedding cache lives.
     """
 
     def __init__(
@@ -58,6 +61,8 @@ class SamDataModule(L.LightningDataModule):
         validate: bool = True,
         directory: Mapping[str, Any] | None = None,
         coco: Mapping[str, Any] | None = None,
+        cache_embeddings: bool = False,
+        cache_dir: str = "embedding_cache",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -75,6 +80,8 @@ class SamDataModule(L.LightningDataModule):
         self.validate = validate
         self.directory_cfg = dict(directory or {})
         self.coco_cfg = dict(coco or {})
+        self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
+        self.cache_dir = cache_dir
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 

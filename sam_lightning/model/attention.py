@@ -190,6 +190,15 @@ def _checkpointed_forward(block: nn.Module, forward: Callable[..., Any], *args: 
     return forward(*args)
 
 
+def _vit_blocks(image_encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's ViT blocks: `image_encoder.blocks` (whatever a strategy put there, e.g.
+    adapter-wrapped blocks), else every segment-anything `Block` inside."""
+    blocks = getattr(image_encoder, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return list(blocks)
+    return [m for m in image_encoder.modules() if isinstance(m, Block)]
+
+
 def enable_grad_checkpointing(image_encoder: nn.Module) -> nn.Module:
     """Recompute each ViT block's activations in the backward pass instead of storing them.
 
@@ -197,23 +206,22 @@ def enable_grad_checkpointing(image_encoder: nn.Module) -> nn.Module:
     1024 px). Patches each block's `forward` on the instance, so the module tree and state-dict
     keys stay segment-anything's; evaluation and `no_grad` runs are not checkpointed.
     """
-    for block in image_encoder.modules():
-        if isinstance(block, Block) and "forward" not in block.__dict__:
+    for block in _vit_blocks(image_encoder):
+        if "forward" not in block.__dict__:
             block.forward = functools.partial(_checkpointed_forward, block, block.forward)
     return image_encoder
 
 
 def disable_grad_checkpointing(image_encoder: nn.Module) -> nn.Module:
     """Undo `enable_grad_checkpointing`."""
-    for block in image_encoder.modules():
-        if isinstance(block, Block):
-            block.__dict__.pop("forward", None)
+    for block in _vit_blocks(image_encoder):
+        block.__dict__.pop("forward", None)
     return image_encoder
 
 
 def grad_checkpointing_enabled(image_encoder: nn.Module) -> bool:
     """Whether `enable_grad_checkpointing` is in effect on every block."""
-    blocks = [m for m in image_encoder.modules() if isinstance(m, Block)]
+    blocks = _vit_blocks(image_encoder)
     return bool(blocks) and all("forward" in b.__dict__ for b in blocks)
 
 
@@ -225,6 +233,15 @@ def compile_encoder(image_encoder: nn.Module, **compile_kwargs: Any) -> nn.Modul
     """
     image_encoder.compile(**compile_kwargs)
     return image_encoder
+
+
+def encoder_options(model: dict[str, Any]) -> dict[str, Any]:
+    """The `configure_image_encoder` arguments of a `model` config (absent keys: defaults)."""
+    return {
+        "attention": model.get("attention", "eager"),
+        "grad_checkpointing": bool(model.get("grad_checkpointing", False)),
+        "compile": model.get("compile", False) or False,
+    }
 
 
 def configure_image_encoder(
