@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_lightning.callbacks import RunSummary
+from sam_lightning.model.params import format_parameter_report, parameter_report
 from sam_lightning.task import SamTask
 
 
@@ -38,6 +39,7 @@ def build_task(cfg: DictConfig) -> SamTask:
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         evaluation=plain(cfg.get("evaluation")),
+        checkpoint=plain(cfg.get("checkpoint")),
     )
 
 
@@ -79,30 +81,6 @@ def box_fill_iou(datamodule: L.LightningDataModule, split: str = "val") -> float
     return total / max(count, 1)
 
 
-def parameter_counts(sam: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """Trainable and total parameters per SAM component and in total."""
-    report = {}
-    for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
-        params = list(getattr(sam, name).parameters())
-        report[name] = {
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
-            "total": sum(p.numel() for p in params),
-        }
-    report["total"] = {
-        "trainable": sum(p.numel() for p in sam.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in sam.parameters()),
-    }
-    return report
-
-
-def format_parameter_table(report: dict[str, dict[str, int]]) -> str:
-    """The parameter report as an aligned text table."""
-    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}"]
-    for name, counts in report.items():
-        lines.append(f"{name:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
-    return "\n".join(lines)
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and resume, with `cfg.ckpt_path`) the run a config describes; returns the summary."""
     if cfg.get("seed") is not None:
@@ -111,8 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
-    params = parameter_counts(task.sam)
-    print(format_parameter_table(params))
+    params = parameter_report(task.sam)
+    print(format_parameter_report(params))
     callbacks = build_callbacks(cfg)
     summary_cb = RunSummary(str(out_dir / "summary.json"))
     trainer = instantiate(cfg.trainer, callbacks=[*callbacks, summary_cb], logger=build_loggers(cfg) or False)

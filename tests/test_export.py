@@ -157,6 +157,8 @@ def test_delta_export_through_cli(run, tmp_path, capsys):
     trainable = sum(p.numel() for p in task.sam.parameters() if p.requires_grad)
     assert sum(v.numel() for v in payload["state_dict"].values()) == trainable
     rebuilt = load_delta_export(out)  # base weights from the path recorded in the file
+    via_build = build_sam("tiny", checkpoint=out)
+    assert all(torch.equal(via_build.state_dict()[k], v) for k, v in rebuilt.state_dict().items())
     image, sample = example()
     _, _, low_res = predictor_outputs(rebuilt, image, sample)
     assert torch.allclose(low_res, task_outputs(task, sample)[0], atol=1e-5, rtol=0)
@@ -186,6 +188,8 @@ def test_trainable_only_checkpoint_is_small_loads_and_resumes(
     loaded = SamTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     expected = task.sam.state_dict()
     assert all(torch.equal(loaded.sam.state_dict()[k], v) for k, v in expected.items())
+    plain_sam = build_sam("tiny", checkpoint=ckpt)  # frozen weights read from the base file
+    assert all(torch.equal(plain_sam.state_dict()[k], v) for k, v in expected.items())
 
     resumed = new_task("lora", base_weights, trainable_only=True)
     trainer = fit(resumed, synthetic_root, tmp_path, steps=3, ckpt_path=str(ckpt))

@@ -151,6 +151,7 @@ def read_checkpoint(path: str | Path, name: str | None = None) -> tuple[dict[str
         meta = {"model": hparams.get("model", {}).get("name"), "strategy": hparams.get("strategy")}
         meta["lightning"] = True
         meta["trainable_only"] = bool(raw.get("sam_lightning_trainable_only", False))
+        meta["base_checkpoint"] = hparams.get("model", {}).get("checkpoint")
         return state, meta
     if "sam_lightning" in raw and "state_dict" in raw:  # our export format (adapters, deltas)
         return raw["state_dict"], dict(raw["sam_lightning"])
@@ -219,11 +220,22 @@ def build_sam(name: str, checkpoint: str | Path | None = None, **_: Any) -> Sam:
             f"{checkpoint} was trained as {meta['model']} but the model is {name}: "
             f"set model={meta['model']}"
         )
+    if meta.get("delta"):  # only the trained weights: rebuilt on top of the recorded base
+        from sam_lightning.model.export import load_delta_export
+
+        return load_delta_export(checkpoint)
+    partial_state = bool(meta.get("trainable_only"))
+    if partial_state:  # frozen weights come from the base checkpoint the run started from
+        base = meta.get("base_checkpoint")
+        if base is None:
+            raise UserError(f"{checkpoint} holds only trained weights and names no base checkpoint")
+        base_state, _ = read_checkpoint(base, name)
+        load_sam_state(sam, base_state, base)
     if meta.get("strategy"):
         from sam_lightning.model.strategies import instantiate_strategy
 
         strategy = instantiate_strategy(meta["strategy"])
         if strategy.changes_architecture:
             strategy.apply(sam)
-    load_sam_state(sam, state, checkpoint)
+    load_sam_state(sam, state, checkpoint, strict=not partial_state)
     return sam
