@@ -132,7 +132,7 @@ class SamTask(L.LightningModule):
         """
         return decode_in_chunks(
             self._decode_call,
-            resolve_chunk_size(self.decoder_chunk_size, embedding.device),
+            resolve_chunk_size(self.decoder_chunk_size, embedding),
             boxes=boxes,
             points=points,
             labels=labels,

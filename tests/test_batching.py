@@ -6,19 +6,22 @@ import pytest
 import torch
 
 from sam_lightning.errors import UserError
-from sam_lightning.model.batching import AUTO_CHUNK, decode_in_chunks, resolve_chunk_size
+from sam_lightning.model.batching import decode_in_chunks, resolve_chunk_size
 from sam_lightning.task import SamTask
 
 
 def test_resolve_chunk_size():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_chunk_size("auto", cpu) == AUTO_CHUNK["cpu"]
-    assert resolve_chunk_size("auto", cuda) is None  # one call on a GPU
-    assert resolve_chunk_size(None, cpu) is None and resolve_chunk_size(0, cpu) is None
-    assert resolve_chunk_size(3, cuda) == 3
+    vit = torch.empty(1, 256, 64, 64)  # official sizes: 8 MiB of upscaled features per prompt
+    tiny = torch.empty(1, 128, 16, 16)
+    assert resolve_chunk_size("auto", vit) == 4
+    assert resolve_chunk_size("auto", tiny) == 128  # small enough: every prompt in one call
+    assert resolve_chunk_size("auto", torch.empty(1, 256, 64, 64, dtype=torch.bfloat16)) == 8
+    assert resolve_chunk_size("auto", torch.empty(1, 256, 64, 64, device="meta")) is None
+    assert resolve_chunk_size(None, vit) is None and resolve_chunk_size(0, vit) is None
+    assert resolve_chunk_size(3, vit) == 3
     for bad in (-1, "fast", 2.5):
         with pytest.raises(UserError, match="decoder_chunk_size"):
-            resolve_chunk_size(bad, cpu)
+            resolve_chunk_size(bad, vit)
 
 
 @pytest.fixture(scope="module")

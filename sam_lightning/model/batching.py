@@ -1,12 +1,15 @@
 """How many prompts of one image go through the prompt encoder and mask decoder per call.
 
 SAM's mask decoder copies the image embedding once per prompt (`repeat_interleave`) and runs its
-image-side layers on [K, 4096, 256] tensors. On a GPU one call with all K prompts is fastest. On a
-CPU the large K-fold tensors (128 MB each at K = 32, against 4 MB per prompt) fall out of the
-caches and, above glibc's mmap threshold, are mapped fresh and page-faulted on every allocation,
-so the batched call was measured several times slower than a loop of single-prompt calls
-(experiments/RESULTS.md). Cutting the prompts into small chunks keeps the working set small and
-still amortises the per-call overhead; the chunk size is `model.decoder_chunk_size`.
+image-side layers on [K, h*w, C] tensors; its upscaled mask features are [K, C/8, 4h, 4w]. With
+ViT-B at K = 32 these are 128 and 256 MB per tensor. On a GPU one call with all K prompts is
+fastest. On a CPU, allocations above glibc's mmap threshold (at most 32 MiB) are mapped fresh and
+page-faulted on every use, and they no longer fit any cache: measured on 2 cores with K = 32
+(experiments/RESULTS.md), one call costs far more system time and page faults than small calls.
+A loop of single-prompt calls avoids that but pays the per-operator overhead 32 times (and under
+a loaded machine, 32 times the thread synchronisation). `auto` on a CPU therefore takes the
+largest chunk whose biggest activation stays under `CPU_CHUNK_BYTES`: 4 prompts for the official
+sizes (64 x 64 x 256 embeddings), every prompt for `tiny`.
 """
 
 from __future__ import annotations
@@ -17,18 +20,30 @@ import torch
 
 from sam_lightning.errors import UserError
 
-#: Chunk size of `model.decoder_chunk_size=auto` per device type; None = all prompts at once.
-AUTO_CHUNK: dict[str, int | None] = {"cpu": 4, "cuda": None, "mps": None}
+#: `auto` on a CPU: the biggest per-call activation stays under glibc's largest mmap threshold.
+CPU_CHUNK_BYTES = 32 * 2**20
 
 DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_chunk_size(setting: int | str | None, device: torch.device) -> int | None:
-    """The chunk size for `device`: `auto` picks the measured best, None or 0 means no chunking."""
+def auto_chunk_size(embedding: torch.Tensor) -> int | None:
+    """`auto`: None (one call) off the CPU; on a CPU, as many prompts as fit `CPU_CHUNK_BYTES`.
+
+    The largest decoder activation per prompt is the upscaled mask feature map, C/8 channels at
+    4x the embedding's side: twice the embedding's own size.
+    """
+    if embedding.device.type != "cpu":
+        return None
+    per_prompt = 2 * embedding[0].numel() * embedding.element_size()
+    return max(1, CPU_CHUNK_BYTES // per_prompt)
+
+
+def resolve_chunk_size(setting: int | str | None, embedding: torch.Tensor) -> int | None:
+    """The chunk size for decoding from `embedding`: None or 0 means no chunking."""
     if setting is None or setting == 0:
         return None
     if setting == "auto":
-        return AUTO_CHUNK.get(device.type)
+        return auto_chunk_size(embedding)
     if isinstance(setting, int) and setting > 0:
         return setting
     raise UserError(
