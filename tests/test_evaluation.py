@@ -253,3 +253,87 @@ def test_tiny_model_scores_are_fractions() -> None:
         assert 0.0 <= values[f"{name}/dice"].item() <= 1.0
     assert values["1click_oracle/iou"] >= values["1click/iou"]
     assert 1.0 <= values["noc85"].item() <= 4.0
+
+
+def test_wandb_gets_the_table_and_the_plot(tmp_path) -> None:
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from sam_lightning.evaluation import _log_to_loggers, plot_curves
+
+    results = {
+        "protocols": {"box": {"miou": 0.5, "dice": 0.6}, "1click": {"miou": 0.3, "dice": 0.4}},
+        "miou_per_click": [0.3, 0.45, 0.5],
+        "instances": 4,
+    }
+    runs = {"tuned": results, "base": {**results, "miou_per_click": [0.1, 0.2, 0.25]}}
+    plot = plot_curves(runs, tmp_path / "eval.png")
+    assert plot.stat().st_size > 0
+    wandb, csv = MagicMock(spec=WandbLogger), MagicMock()
+    _log_to_loggers([wandb, csv], runs, plot)
+    table = wandb.log_table.call_args.kwargs
+    assert table["columns"] == ["model", "protocol", "miou", "dice"]
+    assert ["tuned", "box", 0.5, 0.6] in table["data"] and len(table["data"]) == 4
+    assert wandb.log_image.call_args.kwargs["images"] == [str(plot)]
+    assert csv.log_metrics.call_args_list[0].args[0] == {
+        "eval/tuned/box/miou": 0.5,
+        "eval/tuned/1click/miou": 0.3,
+    }
+
+
+@pytest.mark.slow
+def test_interactive_quickstart_then_evaluate(tmp_path, synthetic_root) -> None:
+    """Train with prompt=interactive, then evaluate the best checkpoint on the same split."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from sam_lightning.evaluation import evaluate_from_config
+    from sam_lightning.training import train
+    from tests.conftest import CONF_DIR, quickstart
+
+    cfg = quickstart(
+        tmp_path / "run",
+        synthetic_root,
+        "prompt=interactive",
+        "prompt.click_rounds=2",
+        "prompt.mask_rounds=1",
+        "trainer.max_epochs=8",
+        "scheduler.warmup_steps=2",
+        "evaluation.clicks=[1,5]",
+    )
+    summary = train(cfg)
+    best = summary["best"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        eval_cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"ckpt={summary['best_ckpt']}",
+                "data=synthetic",
+                f"data.root={synthetic_root}",
+                "data.synthetic.num_train=16",
+                "data.synthetic.num_val=8",
+                "device=cpu",
+            ],
+        )
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    report = evaluate_from_config(eval_cfg)
+    protocols = report["model"]["protocols"]
+    # the same protocol on the same split gives what validation logged for this checkpoint
+    assert protocols["box"]["miou"] == pytest.approx(best["val/box/iou"], abs=1e-5)
+    assert protocols["1click"]["miou"] == pytest.approx(best["val/1click/iou"], abs=1e-5)
+    assert protocols["5click"]["miou"] == pytest.approx(best["val/5click/iou"], abs=1e-5)
+    # clicks help, the oracle is at least the chosen mask, every figure is a fraction
+    assert protocols["5click"]["miou"] > protocols["1click"]["miou"]
+    assert protocols["1click_oracle"]["miou"] >= protocols["1click"]["miou"]
+    for row in protocols.values():
+        assert 0.0 <= row["miou"] <= 1.0 and 0.0 <= row["dice"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in report["model"]["miou_per_click"])
+    assert 1.0 <= report["model"]["noc"]["noc85"] <= 20.0
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written["model"]["protocols"] == protocols
+    assert (tmp_path / "eval" / "eval.png").is_file()
+    assert "| 5click |" in (tmp_path / "eval" / "eval.md").read_text()
