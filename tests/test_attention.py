@@ -272,3 +272,33 @@ def test_vit_b_block_matches_on_gpu(global_attn):
     x = torch.randn(1, 64, 64, 768, device="cuda")
     errors = compare_eager_sdpa(block, x)
     assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter"])
+def test_options_compose_with_encoder_strategies(tiny_encoder, strategy):
+    """LoRA-wrapped qkv/proj and adapter-wrapped blocks keep their gradients under sdpa and
+    checkpointing (the options are applied after the strategy, as SamTask does)."""
+    from sam_lightning.model.strategies import AdapterStrategy, LoRAStrategy
+
+    sam = build_sam_architecture("tiny")
+    sam.image_encoder.load_state_dict(tiny_encoder.state_dict())
+    (LoRAStrategy(r=2) if strategy == "lora" else AdapterStrategy(bottleneck=4)).apply(sam)
+    # Adapters start as the identity (zero up-projection): make them matter.
+    with torch.no_grad():
+        for p in sam.image_encoder.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(13)) * 0.1)
+    ref = copy.deepcopy(sam.image_encoder)
+    fast = configure_image_encoder(
+        copy.deepcopy(sam.image_encoder), "sdpa", grad_checkpointing=True
+    )
+    assert attention_mode(fast) == "sdpa" and grad_checkpointing_enabled(fast)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(14))
+    grads = []
+    for m in (ref, fast):
+        projection_loss(m(x)).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g) < 1e-5, name
