@@ -65,12 +65,15 @@ class RunSummary(L.Callback):
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         scored = [h for h in self.history if self.monitor in h and np.isfinite(h[self.monitor])]
         best = max(scored, key=lambda h: h[self.monitor]) if scored else {}
-        ckpt = trainer.checkpoint_callback
+        best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor == self.monitor), None)
+        latest_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
         return {
             "best": {k: v for k, v in best.items() if k.startswith("val/")} | (
                 {"epoch": best["epoch"], "step": best["step"]} if best else {}),
-            "best_ckpt": getattr(ckpt, "best_model_path", "") or None,
-            "last_ckpt": getattr(ckpt, "last_model_path", "") or None,
+            "best_ckpt": (best_cb.best_model_path or None) if best_cb else None,
+            # without a monitor, the checkpoint a callback keeps is the most recent one
+            "last_ckpt": (latest_cb.best_model_path or latest_cb.last_model_path or None)
+            if latest_cb else None,
             "seconds": round(time.perf_counter() - self.started, 1),
             "history": self.history,
             **self.extra,
