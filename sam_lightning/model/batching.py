@@ -8,8 +8,8 @@ page-faulted on every use, and they no longer fit any cache: measured on 2 cores
 (experiments/RESULTS.md), one call costs far more system time and page faults than small calls.
 A loop of single-prompt calls avoids that but pays the per-operator overhead 32 times (and under
 a loaded machine, 32 times the thread synchronisation). `auto` on a CPU therefore takes the
-largest chunk whose biggest activation stays under `CPU_CHUNK_BYTES`: 4 prompts for the official
-sizes (64 x 64 x 256 embeddings), every prompt for `tiny`.
+largest chunk whose biggest activation stays below `CPU_CHUNK_BYTES`: 3 prompts for the official
+sizes (64 x 64 x 256 embeddings, 24 MiB), every prompt for `tiny`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from sam_lightning.errors import UserError
 
-#: `auto` on a CPU: the biggest per-call activation stays under glibc's largest mmap threshold.
+#: `auto` on a CPU: the biggest per-call activation stays below glibc's largest mmap threshold
+#: (an allocation of exactly 32 MiB plus its header is still mapped fresh each time).
 CPU_CHUNK_BYTES = 32 * 2**20
 
 DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -35,7 +36,7 @@ def auto_chunk_size(embedding: torch.Tensor) -> int | None:
     if embedding.device.type != "cpu":
         return None
     per_prompt = 2 * embedding[0].numel() * embedding.element_size()
-    return max(1, CPU_CHUNK_BYTES // per_prompt)
+    return max(1, (CPU_CHUNK_BYTES - 1) // per_prompt)
 
 
 def resolve_chunk_size(setting: int | str | None, embedding: torch.Tensor) -> int | None:
