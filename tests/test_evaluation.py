@@ -304,7 +304,7 @@ def test_interactive_quickstart_then_evaluate(tmp_path, synthetic_root) -> None:
         f"data.root={synthetic_root}",
         "data.synthetic.num_train=16",
         "data.synthetic.num_val=8",
-        "+trainer.enable_progress_bar=false",
+        "++trainer.enable_progress_bar=false",
         "scheduler.warmup_steps=2",
     ]
     warm = train(compose_train([*data, "trainer.max_epochs=12"], tmp_path / "box"))
