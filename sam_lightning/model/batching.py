@@ -2,14 +2,14 @@
 
 SAM's mask decoder copies the image embedding once per prompt (`repeat_interleave`) and runs its
 image-side layers on [K, h*w, C] tensors; its upscaled mask features are [K, C/8, 4h, 4w]. With
-ViT-B at K = 32 these are 128 and 256 MB per tensor. On a GPU one call with all K prompts is
-fastest. On a CPU, allocations above glibc's mmap threshold (at most 32 MiB) are mapped fresh and
-page-faulted on every use, and they no longer fit any cache: measured on 2 cores with K = 32
-(experiments/RESULTS.md), one call costs far more system time and page faults than small calls.
-A loop of single-prompt calls avoids that but pays the per-operator overhead 32 times (and under
-a loaded machine, 32 times the thread synchronisation). `auto` on a CPU therefore takes the
-largest chunk whose biggest activation stays below `CPU_CHUNK_BYTES`: 3 prompts for the official
-sizes (64 x 64 x 256 embeddings, 24 MiB), every prompt for `tiny`.
+ViT-B that is 4 and 8 MiB per prompt, 128 and 256 MiB at K = 32. On a GPU one call with all K
+prompts is fastest. On a CPU (experiments/RESULTS.md) big calls lose twice: allocations above
+glibc's mmap threshold (at most 32 MiB) are mapped fresh and page-faulted on every use, and the
+working set no longer fits the caches. Measured on a quiet 2-core machine, 32 single-prompt calls
+of ViT-B's decoder beat chunks of 3 by 12% and one call by 26%; a `tiny` decoder (256 KiB per
+prompt) is dominated by per-call overhead instead. `auto` on a CPU therefore takes the largest
+chunk whose biggest activation fits `CPU_CHUNK_BYTES` (a cache-sized budget): one prompt per call
+for the official sizes, 32 for `tiny`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import torch
 
 from sam_lightning.errors import UserError
 
-#: `auto` on a CPU: the biggest per-call activation stays below glibc's largest mmap threshold
-#: (an allocation of exactly 32 MiB plus its header is still mapped fresh each time).
-CPU_CHUNK_BYTES = 32 * 2**20
+#: `auto` on a CPU: the largest per-call activation stays within this (cache-sized) budget.
+CPU_CHUNK_BYTES = 8 * 2**20
 
 DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,7 +35,7 @@ def auto_chunk_size(embedding: torch.Tensor) -> int | None:
     if embedding.device.type != "cpu":
         return None
     per_prompt = 2 * embedding[0].numel() * embedding.element_size()
-    return max(1, (CPU_CHUNK_BYTES - 1) // per_prompt)
+    return max(1, CPU_CHUNK_BYTES // per_prompt)
 
 
 def resolve_chunk_size(setting: int | str | None, embedding: torch.Tensor) -> int | None:
