@@ -21,6 +21,7 @@ padding), then averaged over instances (mIoU as in the paper, not pixel-pooled):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,29 +50,31 @@ class Decode(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def decode_prompts(
+    sam: Sam,
+    embedding: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mask_logits: torch.Tensor | None = None,
+    multimask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt-encoder + mask-decoder call for the K prompts of one image, as `Sam` runs it."""
+    sparse, dense = sam.prompt_encoder(
+        points=(points, labels) if points is not None else None, boxes=boxes, masks=mask_logits
+    )
+    return sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
 def sam_decoder(sam: Sam) -> Decode:
     """A `Decode` for a bare `Sam` (an official, exported or fine-tuned model outside Lightning)."""
-
-    def decode(
-        embedding: torch.Tensor,
-        boxes: torch.Tensor | None = None,
-        points: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_logits: torch.Tensor | None = None,
-        multimask: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = sam.prompt_encoder(
-            points=(points, labels) if points is not None else None, boxes=boxes, masks=mask_logits
-        )
-        return sam.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-
-    return decode
+    return functools.partial(decode_prompts, sam)
 
 
 def to_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:

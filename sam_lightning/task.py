@@ -16,7 +16,12 @@ import torch.nn.functional as F
 
 from sam_lightning.data.cache import attach_embedding_cache, cached_embeddings
 from sam_lightning.errors import TrainingStopped, UserError
-from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
+from sam_lightning.evaluation import (
+    ProtocolConfig,
+    decode_prompts,
+    evaluate_batch,
+    protocol_metrics,
+)
 from sam_lightning.interactive import InteractiveConfig, interactive_session
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
@@ -151,18 +156,7 @@ class SamTask(L.LightningModule):
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt-encoder and mask-decoder call for the given prompts."""
-        sparse, dense = self.sam.prompt_encoder(
-            points=(points, labels) if points is not None else None,
-            boxes=boxes,
-            masks=mask_logits,
-        )
-        return self.sam.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        return decode_prompts(self.sam, embedding, boxes, points, labels, mask_logits, multimask)
 
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits to the padded input frame S x S (the first step of `postprocess_masks`)."""
@@ -212,7 +206,7 @@ class SamTask(L.LightningModule):
                 continue
             h, w = (int(v) for v in batch["input_size"][i])
             prompts = {"boxes": boxes, "points": None, "labels": None, "multimask": False}
-            if training:  # prompt=box|point|both (sam_lightning.prompts)
+            if training:  # prompt=box|point|both|interactive (sam_lightning.prompts)
                 prompts = build_training_prompts(masks, boxes, (h, w), self.prompt_cfg)
                 masks, boxes = prompts.pop("masks"), prompts["boxes"]
                 if masks.shape[0] == 0:  # every mask covered > 90% of the image
