@@ -35,8 +35,12 @@ class MaskOverlays(L.Callback):
         save_png(grid, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("val/overlays", [grid], caption=["ground truth | prediction"],
-                                 step=trainer.global_step)
+                logger.log_image(
+                    "val/overlays",
+                    [grid],
+                    caption=["ground truth | prediction"],
+                    step=trainer.global_step,
+                )
 
 
 class RunSummary(L.Callback):
@@ -60,7 +64,9 @@ class RunSummary(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
-            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+            self.history.append(
+                {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
+            )
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         scored = [h for h in self.history if self.monitor in h and np.isfinite(h[self.monitor])]
@@ -68,12 +74,13 @@ class RunSummary(L.Callback):
         best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor == self.monitor), None)
         latest_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
         return {
-            "best": {k: v for k, v in best.items() if k.startswith("val/")} | (
-                {"epoch": best["epoch"], "step": best["step"]} if best else {}),
+            "best": {k: v for k, v in best.items() if k.startswith("val/")}
+            | ({"epoch": best["epoch"], "step": best["step"]} if best else {}),
             "best_ckpt": (best_cb.best_model_path or None) if best_cb else None,
             # without a monitor, the checkpoint a callback keeps is the most recent one
             "last_ckpt": (latest_cb.best_model_path or latest_cb.last_model_path or None)
-            if latest_cb else None,
+            if latest_cb
+            else None,
             "seconds": round(time.perf_counter() - self.started, 1),
             "history": self.history,
             **self.extra,

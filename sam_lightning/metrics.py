@@ -28,7 +28,9 @@ class _MeanPerMask(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def score(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -63,4 +65,6 @@ def mask_metrics(prefix: str) -> MetricCollection:
     Compute groups are off: the two metrics have the same state names, and torchmetrics would
     otherwise merge them into one and report the Dice as the IoU.
     """
-    return MetricCollection({"iou": MaskIoU(), "dice": MaskDice()}, prefix=prefix, compute_groups=False)
+    return MetricCollection(
+        {"iou": MaskIoU(), "dice": MaskDice()}, prefix=prefix, compute_groups=False
+    )

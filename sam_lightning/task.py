@@ -178,11 +178,17 @@ class SamTask(L.LightningModule):
             hw,
             InteractiveConfig.from_dict(self.prompt_cfg),
         )
-        self.log("train/iou_first_round", result.round_iou[0], on_step=False, on_epoch=True, batch_size=1)
-        self.log("train/iou_last_round", result.round_iou[-1], on_step=False, on_epoch=True, batch_size=1)
+        self.log(
+            "train/iou_first_round", result.round_iou[0], on_step=False, on_epoch=True, batch_size=1
+        )
+        self.log(
+            "train/iou_last_round", result.round_iou[-1], on_step=False, on_epoch=True, batch_size=1
+        )
         return result.loss, result.pred
 
-    def _evaluate_protocols(self, batch: dict[str, Any], embeddings: torch.Tensor, stage: str) -> None:
+    def _evaluate_protocols(
+        self, batch: dict[str, Any], embeddings: torch.Tensor, stage: str
+    ) -> None:
         """The paper's protocols with the code `python -m sam_lightning.evaluate` runs."""
         collection = self.protocol_metrics[stage]
         collection.update(
@@ -223,18 +229,31 @@ class SamTask(L.LightningModule):
             metrics.update(pred[:, :h, :w], masks[:, :h, :w])
             if keep_examples:
                 self.val_examples.append(
-                    {"image": batch["images"][i].cpu(), "masks": pred.cpu(), "gt": masks.cpu(),
-                     "boxes": boxes.cpu(), "image_id": batch["image_ids"][i]}
+                    {
+                        "image": batch["images"][i].cpu(),
+                        "masks": pred.cpu(),
+                        "gt": masks.cpu(),
+                        "boxes": boxes.cpu(),
+                        "image_id": batch["image_ids"][i],
+                    }
                 )
                 keep_examples = len(self.val_examples) < 4
         if not losses:  # no instance in the whole batch: a zero loss that keeps the graph
             return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         loss = torch.stack(losses).mean()
         batch_size = len(batch["masks"])
-        self.log(f"{stage}/loss", loss, prog_bar=training, batch_size=batch_size,
-                 on_step=training, on_epoch=True, sync_dist=not training)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
-                      batch_size=batch_size)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=training,
+            batch_size=batch_size,
+            on_step=training,
+            on_epoch=True,
+            sync_dist=not training,
+        )
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size
+        )
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -280,7 +299,10 @@ class SamTask(L.LightningModule):
         warmup = min(int(self.scheduler_cfg["warmup_steps"]), total // 2)
         schedule = warmup_cosine(warmup, total, float(self.scheduler_cfg["min_lr_ratio"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

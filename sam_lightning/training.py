@@ -63,8 +63,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def box_fill_iou(datamodule: L.LightningDataModule, split: str = "val") -> float:
     """Reference mIoU of predicting each prompt box filled: what a model must beat."""
-    from sam_lightning.metrics import mask_iou
     from sam_lightning.data.transforms import boxes_from_masks
+    from sam_lightning.metrics import mask_iou
 
     dataset = datamodule.datasets[split]
     total, count = 0.0, 0
@@ -93,7 +93,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(format_parameter_report(params))
     callbacks = build_callbacks(cfg)
     summary_cb = RunSummary(str(out_dir / "summary.json"))
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, summary_cb], logger=build_loggers(cfg) or False)
+    trainer = instantiate(
+        cfg.trainer, callbacks=[*callbacks, summary_cb], logger=build_loggers(cfg) or False
+    )
     datamodule.setup("fit")
     summary_cb.extra = {
         "params": params,

@@ -9,8 +9,18 @@ import torch
 from PIL import Image, ImageDraw
 
 PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+    ],
     dtype=np.float32,
 )
 
@@ -48,7 +58,11 @@ def draw_overlay(
     draw = ImageDraw.Draw(pic)
     if boxes is not None:
         for k, b in enumerate(_numpy(boxes)):
-            draw.rectangle([float(v) for v in b], outline=tuple(int(c) for c in PALETTE[k % len(PALETTE)]), width=2)
+            draw.rectangle(
+                [float(v) for v in b],
+                outline=tuple(int(c) for c in PALETTE[k % len(PALETTE)]),
+                width=2,
+            )
     if points is not None:
         pts = _numpy(points).reshape(-1, 2)
         lab = np.ones(len(pts)) if labels is None else _numpy(labels).reshape(-1)
@@ -65,7 +79,9 @@ def image_grid(pictures: list[np.ndarray], columns: int = 4, pad: int = 4) -> np
     h = max(p.shape[0] for p in pictures)
     w = max(p.shape[1] for p in pictures)
     rows = math_ceil(len(pictures), columns)
-    grid = np.full((rows * (h + pad) + pad, min(columns, len(pictures)) * (w + pad) + pad, 3), 255, np.uint8)
+    grid = np.full(
+        (rows * (h + pad) + pad, min(columns, len(pictures)) * (w + pad) + pad, 3), 255, np.uint8
+    )
     for i, p in enumerate(pictures):
         r, c = divmod(i, columns)
         y, x = pad + r * (h + pad), pad + c * (w + pad)

@@ -11,8 +11,19 @@ from sam_lightning.model.strategies import Strategy, instantiate_strategy
 from sam_lightning.training import plain
 from tests.conftest import CONF_DIR, compose_train
 
-GROUPS = ["model", "data", "loss", "strategy", "prompt", "trainer", "logger", "callbacks",
-          "experiment", "hparams_search", "debug"]
+GROUPS = [
+    "model",
+    "data",
+    "loss",
+    "strategy",
+    "prompt",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+    "hparams_search",
+    "debug",
+]
 
 
 def _options(group: str) -> list[str]:

@@ -29,7 +29,9 @@ def test_low_res_logits_equal_sam_predictor() -> None:
         (h, w), (oh, ow) = sample["input_size"].tolist(), image.shape[:2]
         boxes_original = sample["boxes"] / torch.tensor([w / ow, h / oh, w / ow, h / oh])
         boxes = predictor.transform.apply_boxes_torch(boxes_original, image.shape[:2])
-        _, their_iou, theirs = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+        _, their_iou, theirs = predictor.predict_torch(
+            None, None, boxes=boxes, multimask_output=False
+        )
 
     assert torch.allclose(boxes, sample["boxes"], atol=1e-4)
     assert ours.shape == theirs.shape == (2, 1, 64, 64)

@@ -23,9 +23,14 @@ from tests.conftest import quickstart
 NUM_TRAIN, BATCH = 160, 4
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH
 EPOCHS = 4
-RUN = (f"trainer.max_epochs={EPOCHS}", f"trainer.check_val_every_n_epoch={EPOCHS}",
-       f"data.batch_size={BATCH}", "optimizer.lr=2e-3", "scheduler.warmup_steps=10",
-       f"data.synthetic.num_train={NUM_TRAIN}")
+RUN = (
+    f"trainer.max_epochs={EPOCHS}",
+    f"trainer.check_val_every_n_epoch={EPOCHS}",
+    f"data.batch_size={BATCH}",
+    "optimizer.lr=2e-3",
+    "scheduler.warmup_steps=10",
+    f"data.synthetic.num_train={NUM_TRAIN}",
+)
 
 
 def _validate(task: SamTask, cfg) -> float:
@@ -37,7 +42,9 @@ def _validate(task: SamTask, cfg) -> float:
 def train_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sam_lightning.data.synthetic import write_synthetic_dataset
 
-    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic160"), num_train=NUM_TRAIN, num_val=8)
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic160"), num_train=NUM_TRAIN, num_val=8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +85,15 @@ def test_best_checkpoint_reloads(trained_run) -> None:
         assert torch.equal(v, sam.state_dict()[k]), k
 
 
-def test_resume_continues_step_optimizer_and_schedule(trained_run, tmp_path: Path, train_root: Path) -> None:
+def test_resume_continues_step_optimizer_and_schedule(
+    trained_run, tmp_path: Path, train_root: Path
+) -> None:
     cfg, summary, _ = trained_run
     resumed = quickstart(
-        tmp_path, train_root, *RUN, f"trainer.max_epochs={EPOCHS + 1}",
+        tmp_path,
+        train_root,
+        *RUN,
+        f"trainer.max_epochs={EPOCHS + 1}",
         f"ckpt_path={summary['last_ckpt']}",
     )
     new = train(resumed)
@@ -98,11 +110,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained_run, train_root
     last = Path(summary["last_ckpt"])
     before = last.read_bytes()
     broken = quickstart(
-        Path(cfg.paths.output_dir), train_root, *RUN, f"trainer.max_epochs={EPOCHS + 1}",
-        "loss.focal_weight=nan", f"ckpt_path={last}",
+        Path(cfg.paths.output_dir),
+        train_root,
+        *RUN,
+        f"trainer.max_epochs={EPOCHS + 1}",
+        "loss.focal_weight=nan",
+        f"ckpt_path={last}",
     )
     step = EPOCHS * STEPS_PER_EPOCH
-    with pytest.raises(TrainingStopped, match=rf"non-finite loss .* global step {step} on images train_"):
+    with pytest.raises(
+        TrainingStopped, match=rf"non-finite loss .* global step {step} on images train_"
+    ):
         train(broken)
     assert last.read_bytes() == before
 
@@ -110,8 +128,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained_run, train_root
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, "-m", "sam_lightning.train", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "sam_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -119,12 +141,17 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("args", "expected"),
     [
         (["model.checkpoint=/nowhere/sam_tiny.pth"], "checkpoint not found: /nowhere/sam_tiny.pth"),
-        (["data=directory", "data.root=/nowhere/data"], "no images found under data.root=/nowhere/data"),
+        (
+            ["data=directory", "data.root=/nowhere/data"],
+            "no images found under data.root=/nowhere/data",
+        ),
         (["strategy=no_such_strategy"], "no_such_strategy"),
     ],
     ids=["missing-checkpoint", "missing-data", "unknown-strategy"],
 )
-def test_cli_errors_are_one_message_without_traceback(args, expected, tmp_path: Path, synthetic_root: Path) -> None:
+def test_cli_errors_are_one_message_without_traceback(
+    args, expected, tmp_path: Path, synthetic_root: Path
+) -> None:
     result = _cli("experiment=quickstart", f"data.root={synthetic_root}", *args, cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr

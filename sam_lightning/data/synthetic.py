@@ -19,10 +19,14 @@ SHAPES = ("triangle", "star", "cross", "ring", "ellipse", "ell")
 GENERATOR_VERSION = 2  # part of the cache key: a change here rewrites cached datasets
 
 
-def _texture(rng: np.random.Generator, height: int, width: int, saturation: float = 1.0) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, height: int, width: int, saturation: float = 1.0
+) -> np.ndarray:
     """Smooth random colour field plus stripes: HWC float in [0, 255]."""
     coarse = rng.uniform(0, 255, size=(height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    field = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32
+    )
     yy, xx = np.mgrid[0:height, 0:width]
     angle = rng.uniform(0, math.pi)
     period = rng.uniform(6, 24)
@@ -35,8 +39,10 @@ def _texture(rng: np.random.Generator, height: int, width: int, saturation: floa
 def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     def ring(n: int, radii: list[float]) -> list[tuple[float, float]]:
         return [
-            (cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
-             cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n))
+            (
+                cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
+                cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n),
+            )
             for i in range(n)
         ]
 
@@ -47,7 +53,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
     # cross and ell: axis-aligned arms, then rotated
     if kind == "cross":
         a, b = r, r * 0.3
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        pts = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     else:  # ell
         a, b = r, r * 0.35
         pts = [(-a, -a), (-a + 2 * b, -a), (-a + 2 * b, a - 2 * b), (a, a - 2 * b), (a, a), (-a, a)]
@@ -87,7 +106,9 @@ def make_synthetic_image(
     for k in range(1, n + 1):
         mask = _shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], rng, height, width)
         colour = rng.uniform(0, 255, size=3)
-        colour[rng.integers(3)] = rng.choice([20.0, 235.0])  # saturated: stands out of the grey-ish ground
+        colour[rng.integers(3)] = rng.choice(
+            [20.0, 235.0]
+        )  # saturated: stands out of the grey-ish ground
         fill = colour + rng.normal(0, 12, size=(height, width, 3))
         image[mask] = fill[mask]
         labels[mask] = k  # later shapes occlude earlier ones
@@ -108,7 +129,14 @@ def write_synthetic_dataset(
 ) -> Path:
     """Write (once) the synthetic dataset under `root`; the same arguments give the same files."""
     root = Path(root)
-    params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "height": height, "width": width, "seed": seed}
+    params = {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "height": height,
+        "width": width,
+        "seed": seed,
+    }
     marker = root / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root

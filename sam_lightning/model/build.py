@@ -126,7 +126,9 @@ def build_sam_architecture(name: str) -> Sam:
     )
 
 
-def read_checkpoint(path: str | Path, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(
+    path: str | Path, name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a SAM state dict and its metadata from an official file, an export or a Lightning ckpt.
 
     Returns `(state_dict, meta)`; `meta` holds what our own files carry (`model`, `strategy`, ...)
@@ -181,7 +183,9 @@ def check_model_size(state: dict[str, torch.Tensor], name: str, path: str | Path
         )
 
 
-def load_sam_state(sam: Sam, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True) -> None:
+def load_sam_state(
+    sam: Sam, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True
+) -> None:
     """Load weights, turning key and shape mismatches into one readable message."""
     own = sam.state_dict()
     bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
