@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def image_grid(pictures: list[np.ndarray], columns: int = 4, pad: int = 4) -> np
         return np.zeros((1, 1, 3), dtype=np.uint8)
     h = max(p.shape[0] for p in pictures)
     w = max(p.shape[1] for p in pictures)
-    rows = math_ceil(len(pictures), columns)
+    rows = math.ceil(len(pictures) / columns)
     grid = np.full(
         (rows * (h + pad) + pad, min(columns, len(pictures)) * (w + pad) + pad, 3), 255, np.uint8
     )
@@ -87,10 +88,6 @@ def image_grid(pictures: list[np.ndarray], columns: int = 4, pad: int = 4) -> np
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         grid[y : y + p.shape[0], x : x + p.shape[1]] = p
     return grid
-
-
-def math_ceil(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def save_png(picture: np.ndarray, path: str | Path) -> Path:
