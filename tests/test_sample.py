@@ -47,3 +47,21 @@ def test_synthetic_is_deterministic_and_loads(tmp_path) -> None:
     assert batch["images"].shape == (2, 3, 256, 256)
     assert all(m.shape[0] >= 1 for m in batch["masks"])
     assert batch["image_ids"] == ["train_0000", "train_0001"]
+    # other arguments rewrite the set: a smaller one keeps none of the larger one's files
+    write_synthetic_dataset(a, num_train=2, num_val=1)
+    assert len(DirectoryDataset(a, "train", 256)) == 2
+    assert sorted(p.name for p in (a / "masks" / "val").iterdir()) == ["val_0000.png"]
+
+
+def test_synthetic_shapes_are_placed_apart() -> None:
+    from sam_lightning.data.synthetic import GAP, _dilate, make_synthetic_image
+
+    counts = []
+    for i in range(20):
+        _, labels = make_synthetic_image(np.random.default_rng([0, i]), 240, 320)
+        ids = [k for k in np.unique(labels) if k]
+        counts.append(len(ids))
+        for a in ids:
+            near = _dilate(labels == a, GAP - 1)
+            assert not np.isin(labels[near], [b for b in ids if b != a]).any()
+    assert min(counts) >= 2 and max(counts) <= 4

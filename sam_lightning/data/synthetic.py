@@ -3,7 +3,9 @@
 Written once into a cache folder in the directory layout (`images/{split}`, `masks/{split}`,
 instance-labelled masks), so the quickstart and the tests exercise the real loading path.
 The shapes (triangles, stars, crosses, rings, thin ellipses) are far from their boxes:
-filling the prompt box is a weak baseline, and the summary reports it.
+filling the prompt box is a weak baseline, and the summary reports it. They are placed apart
+(version 3): in version 2 they overlapped, and the quickstart's tiny model, trained from scratch
+for four minutes, reached IoU 0.75 on isolated shapes but 0.59 on touching or occluded ones.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("triangle", "star", "cross", "ring", "ellipse", "ell")
-GENERATOR_VERSION = 2  # part of the cache key: a change here rewrites cached datasets
+GENERATOR_VERSION = 3  # written to the marker: a change here rewrites existing datasets
+GAP = 6  # px between shapes
+PLACEMENT_TRIES = 30
 
 
 def _texture(
@@ -96,26 +100,46 @@ def _shape_mask(kind: str, rng: np.random.Generator, height: int, width: int) ->
     return np.asarray(canvas, dtype=bool)
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by `radius` px (a square structuring element, applied as two 1-D passes)."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
+    rows = np.zeros((h + 2 * radius, w), dtype=bool)
+    for dx in range(2 * radius + 1):
+        rows |= padded[:, dx : dx + w]
+    grown = np.zeros((h, w), dtype=bool)
+    for dy in range(2 * radius + 1):
+        grown |= rows[dy : dy + h]
+    return grown
+
+
 def make_synthetic_image(
     rng: np.random.Generator, height: int, width: int, max_shapes: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB uint8 image and its instance label map (0 background, k > 0 instance k)."""
+    """One RGB uint8 image and its instance label map (0 background, k > 0 instance k).
+
+    Between 2 and `max_shapes` shapes, at least `GAP` px apart: a shape that finds no free place
+    in `PLACEMENT_TRIES` draws is left out.
+    """
     image = _texture(rng, height, width, saturation=0.35)
     labels = np.zeros((height, width), dtype=np.uint8)
-    n = int(rng.integers(2, max_shapes + 1))
-    for k in range(1, n + 1):
+    taken = np.zeros((height, width), dtype=bool)
+    wanted = int(rng.integers(2, max_shapes + 1))
+    k = 0
+    for _ in range(wanted * PLACEMENT_TRIES):
+        if k == wanted:
+            break
         mask = _shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], rng, height, width)
+        if (mask & taken).any():
+            continue
+        k += 1
+        # a saturated colour: stands out of the grey-ish ground
         colour = rng.uniform(0, 255, size=3)
-        colour[rng.integers(3)] = rng.choice(
-            [20.0, 235.0]
-        )  # saturated: stands out of the grey-ish ground
+        colour[rng.integers(3)] = rng.choice([20.0, 235.0])
         fill = colour + rng.normal(0, 12, size=(height, width, 3))
         image[mask] = fill[mask]
-        labels[mask] = k  # later shapes occlude earlier ones
-    # instances hidden almost entirely by later ones are relabelled background
-    for k in range(1, n + 1):
-        if (labels == k).sum() < 64:
-            labels[labels == k] = 0
+        labels[mask] = k
+        taken |= _dilate(mask, GAP)
     return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
@@ -127,7 +151,11 @@ def write_synthetic_dataset(
     width: int = 320,
     seed: int = 0,
 ) -> Path:
-    """Write (once) the synthetic dataset under `root`; the same arguments give the same files."""
+    """Write (once) the synthetic dataset under `root`; the same arguments give the same files.
+
+    Other arguments rewrite it, removing the files of the previous set first: a smaller set
+    written over a larger one must not keep the extra images.
+    """
     root = Path(root)
     params = {
         "version": GENERATOR_VERSION,
@@ -140,9 +168,12 @@ def write_synthetic_dataset(
     marker = root / "synthetic.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
+    marker.unlink(missing_ok=True)  # an interrupted rewrite is redone, never read
     for split, count, offset in (("train", num_train, 0), ("val", num_val, 1_000_000)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for folder in (root / "images" / split, root / "masks" / split):
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob(f"{split}_[0-9][0-9][0-9][0-9].png"):
+                old.unlink()
         for i in range(count):
             rng = np.random.default_rng([seed, offset + i])
             image, labels = make_synthetic_image(rng, height, width)
