@@ -16,10 +16,12 @@ Suites and their baselines:
   one epoch through `lightning.Trainer`, recomputing the image embeddings every step (baseline)
   against reading them from the embedding cache (`data.cache_embeddings=true`); the one-off fill
   is timed apart.
-- `decoder`: one image's K box prompts through prompt encoder, mask decoder, upscaling and SAM's
-  loss, forward and backward: the default path (`model.decoder_chunk_size=auto`) against the
-  per-prompt loop (chunk 1) and one call with every prompt, plus other chunk sizes. Also CPU time
-  (user + system) and minor page faults, the evidence for why one big call is slow on a CPU.
+- `decoder`: one image's K box prompts through prompt encoder, mask decoder and SAM's loss
+  (`loss.resolution` as configured, `--loss-resolution`), forward and backward: our default path
+  (`sam_lightning.model.decoder`, `model.decoder_chunk_size=auto`) against segment-anything's
+  own decoder called once per prompt (the baseline) and once with every prompt, plus our path at
+  other chunk sizes. Also CPU time (user + system) and minor page faults, the evidence for why one
+  big call is slow on a CPU.
 - `attention`: training steps (encode, decode, loss, backward, AdamW) with the fused attention
   (`model.attention=sdpa`) against segment-anything's (`eager`): images/s, prompts/s, peak memory
   and, on a GPU, model FLOP utilisation against the GPU's measured bf16 matmul rate.
@@ -53,8 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.sample import collate_samples, make_sample
 from sam_lightning.model.attention import set_attention
-from sam_lightning.model.batching import resolve_chunk_size
 from sam_lightning.model.build import MODEL_SPECS
+from sam_lightning.model.decoder import resolve_chunk_size
 from sam_lightning.task import SamTask
 
 STRATEGIES = {
@@ -222,6 +224,7 @@ def run_cache(args: argparse.Namespace) -> str:
         strategy=STRATEGIES["decoder_only"],
         prompt={"mode": "box", "max_instances": args.prompts},
         scheduler={"warmup_steps": 0},
+        loss={"resolution": args.loss_resolution},
     )
     base_epochs: list[float] = []
     cached_epochs: list[float] = []
@@ -272,7 +275,8 @@ def run_cache(args: argparse.Namespace) -> str:
     ]
     out = [
         f"cache: {args.model}, decoder_only, {args.precision}, {n} images x {args.prompts} box "
-        f"prompts, batch {args.batch_size}, attention {args.attention}",
+        f"prompts, batch {args.batch_size}, attention {args.attention}, loss at "
+        f"{args.loss_resolution} resolution",
         table(["path", "epoch s", "images/s", "prompts/s", "speed-up"], rows),
         f"one-off fill (setup, encoder once per image): {fills[0]:.2f} s (later rounds reuse "
         f"it: " + ", ".join(f"{f:.2f}" for f in fills[1:]) + " s); "
@@ -284,38 +288,62 @@ def run_cache(args: argparse.Namespace) -> str:
 
 
 # ---- decoder batching ------------------------------------------------------------------------
+def sam_reference_decode(
+    task: SamTask, embedding: torch.Tensor, boxes: torch.Tensor, per_prompt: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's own prompt encoder + mask decoder, once per prompt or once for all."""
+    sam = task.sam
+
+    def call(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = sam.prompt_encoder(points=None, boxes=b, masks=None)
+        return sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
+
+    if not per_prompt:
+        return call(boxes)
+    outs = [call(boxes[i : i + 1]) for i in range(boxes.shape[0])]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
 def run_decoder(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    task = SamTask(model={"name": args.model, "decoder_chunk_size": "auto"}).to(device)
+    task = SamTask(
+        model={"name": args.model, "decoder_chunk_size": "auto"},
+        loss={"resolution": args.loss_resolution},
+    ).to(device)
     spec = MODEL_SPECS[args.model]
     sample = bench_samples(1, spec.image_size, args.prompts)[0]
     boxes, masks = sample["boxes"].to(device), sample["masks"].to(device)
     g = spec.embedding_size
     embedding = torch.randn(1, spec.prompt_embed_dim, g, g, device=device)
     auto = resolve_chunk_size("auto", embedding)
+    baseline = "segment-anything, per-prompt loop (baseline)"
     settings: list[tuple[str, int | str | None]] = [
-        (f"default (auto = {auto or 'all'})", "auto"),
-        ("per-prompt loop (baseline)", 1),
-        (f"one call, {args.prompts} prompts", None),
-    ] + [(f"chunk {c}", c) for c in args.chunks if c not in (1, auto)]
+        (f"ours, default (auto = {auto or 'all'})", "auto"),
+        (baseline, "sam-loop"),
+        (f"segment-anything, one call of {args.prompts}", "sam-one"),
+        (f"ours, one call of {args.prompts}", None),
+    ] + [(f"ours, chunk {c}", c) for c in args.chunks if c != auto]
 
-    def step(chunk: int | str | None) -> None:
-        task.decoder_chunk_size = chunk
-        low, iou = task.decode(embedding, boxes=boxes)
-        loss, _ = task.loss_fn(task.upscale(low), iou, masks)
+    def step(setting: int | str | None) -> None:
+        if isinstance(setting, str) and setting.startswith("sam-"):
+            low, iou = sam_reference_decode(task, embedding, boxes, setting == "sam-loop")
+        else:
+            task.decoder_chunk_size = setting
+            low, iou = task.decode(embedding, boxes=boxes)
+        loss, _ = task.mask_loss(low, iou, masks)
         loss.backward()
         task.zero_grad(set_to_none=True)
 
     step("auto")  # warm-up
     results: dict[str, Measure] = {}
     for _ in range(args.repeats):
-        for name, chunk in settings:
+        for name, setting in settings:
             with Measure(device) as m:
-                step(chunk)
+                step(setting)
             if name not in results or m.wall < results[name].wall:
                 results[name] = m
-    loop = results["per-prompt loop (baseline)"].wall
+    loop = results[baseline].wall
     rows = [
         [
             name,
@@ -330,8 +358,9 @@ def run_decoder(args: argparse.Namespace) -> str:
     ]
     return "\n".join(
         [
-            f"decoder: {args.model} prompt encoder + mask decoder + upscale + loss, forward and "
-            f"backward, {args.prompts} box prompts, {device.type}, best of {args.repeats}",
+            f"decoder: {args.model} prompt encoder + mask decoder + loss at "
+            f"{args.loss_resolution} resolution, forward and backward, {args.prompts} box "
+            f"prompts, {device.type}, best of {args.repeats}",
             table(
                 ["path", "wall s", "cpu s", "sys s", "minor faults", "prompts/s", "vs loop"], rows
             ),
@@ -376,7 +405,7 @@ def train_step_fn(
             losses = []
             for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"], strict=True)):
                 low, iou = task.decode(embeddings[i : i + 1], boxes=boxes)
-                loss, _ = task.loss_fn(task.upscale(low), iou, masks)
+                loss, _ = task.mask_loss(low, iou, masks)
                 losses.append(loss)
             loss = torch.stack(losses).mean()
         loss.backward()
@@ -518,6 +547,7 @@ def main() -> None:
     parser.add_argument("--cached-epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="cache: interleaved rounds")
     parser.add_argument("--chunks", type=int, nargs="*", default=[2, 4, 8, 16])
+    parser.add_argument("--loss-resolution", default="low_res", choices=["low_res", "input"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

@@ -34,6 +34,7 @@ from torchmetrics import Metric, MetricCollection
 
 from sam_lightning.clicks import error_region_click, farthest_point_click
 from sam_lightning.metrics import mask_dice, mask_iou
+from sam_lightning.model.decoder import decode_prompts
 
 
 class Decode(Protocol):
@@ -48,28 +49,6 @@ class Decode(Protocol):
         mask_logits: torch.Tensor | None = None,
         multimask: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def decode_prompts(
-    sam: Sam,
-    embedding: torch.Tensor,
-    boxes: torch.Tensor | None = None,
-    points: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    mask_logits: torch.Tensor | None = None,
-    multimask: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prompt-encoder + mask-decoder call for the K prompts of one image, as `Sam` runs it."""
-    sparse, dense = sam.prompt_encoder(
-        points=(points, labels) if points is not None else None, boxes=boxes, masks=mask_logits
-    )
-    return sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
 
 
 def sam_decoder(sam: Sam) -> Decode:

@@ -58,7 +58,7 @@ class SamLoss(nn.Module):
         Args:
             logits: [K, M, H, W] mask logits at the targets' resolution.
             iou_pred: [K, M] predicted IoU.
-            targets: [K, H, W] bool ground truth.
+            targets: [K, H, W] ground truth, bool or soft (area-downsampled) in [0, 1].
 
         Returns:
             The scalar loss and its parts (`focal`, `dice`, `iou_mse`, `best` index per prompt).
@@ -71,7 +71,7 @@ class SamLoss(nn.Module):
         best = mask_loss.argmin(dim=1)
         rows = torch.arange(logits.shape[0], device=logits.device)
         with torch.no_grad():
-            actual_iou = mask_iou(logits > 0, t.bool())
+            actual_iou = mask_iou(logits > 0, t > 0.5)
         iou_mse = F.mse_loss(iou_pred.float(), actual_iou, reduction="none").mean(dim=1)
         loss = mask_loss[rows, best].mean() + self.iou_weight * iou_mse.mean()
         parts = {

@@ -16,18 +16,13 @@ import torch.nn.functional as F
 
 from sam_lightning.data.cache import attach_embedding_cache, cached_embeddings
 from sam_lightning.errors import TrainingStopped, UserError
-from sam_lightning.evaluation import (
-    ProtocolConfig,
-    decode_prompts,
-    evaluate_batch,
-    protocol_metrics,
-)
+from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
 from sam_lightning.interactive import InteractiveConfig, interactive_session
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
 from sam_lightning.model.attention import configure_image_encoder, encoder_options
-from sam_lightning.model.batching import decode_in_chunks, resolve_chunk_size
 from sam_lightning.model.build import build_sam
+from sam_lightning.model.decoder import decode_prompts, resolve_chunk_size
 from sam_lightning.model.export import check_same_model, keep_trainable_only, restore_frozen
 from sam_lightning.model.strategies import instantiate_strategy
 from sam_lightning.prompts import build_training_prompts
@@ -35,6 +30,8 @@ from sam_lightning.prompts import build_training_prompts
 DEFAULT_PROMPT = {"mode": "box", "max_instances": 32, "box_noise_std": 0.1, "box_max_noise": 20.0}
 DEFAULT_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999)}
 DEFAULT_SCHEDULER = {"warmup_steps": 50, "min_lr_ratio": 0.01}
+#: where SAM's loss compares masks: the decoder's low-res grid or the padded input frame (S x S)
+LOSS_RESOLUTIONS = ("low_res", "input")
 
 
 class SamTask(L.LightningModule):
@@ -72,7 +69,14 @@ class SamTask(L.LightningModule):
         # model.attention, grad_checkpointing, compile, decoder_chunk_size (issue 6)
         configure_image_encoder(self.sam.image_encoder, **encoder_options(model))
         self.decoder_chunk_size = model.get("decoder_chunk_size", "auto")
-        self.loss_fn = SamLoss(**(loss or {}))
+        loss = dict(loss or {})
+        self.loss_resolution = loss.pop("resolution", "low_res")
+        if self.loss_resolution not in LOSS_RESOLUTIONS:
+            raise UserError(
+                f"loss.resolution={self.loss_resolution!r}: expected one of "
+                f"{', '.join(LOSS_RESOLUTIONS)}"
+            )
+        self.loss_fn = SamLoss(**loss)
         self.prompt_cfg = {**DEFAULT_PROMPT, **(prompt or {})}
         self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
@@ -122,8 +126,9 @@ class SamTask(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All K prompts of one image through the prompt encoder and mask decoder.
 
-        In one call on a GPU, in chunks of `model.decoder_chunk_size` prompts on a CPU, where
-        that was measured faster (`sam_lightning.model.batching`); the result is the same.
+        The image-side work is shared by the prompts where SAM's decoder allows it, then done
+        for all prompts at once on a GPU and in chunks of `model.decoder_chunk_size` on a CPU,
+        where that was measured faster (`sam_lightning.model.decoder`); the result is the same.
 
         Args:
             embedding: [1, C, h, w] embedding of the image.
@@ -135,34 +140,52 @@ class SamTask(L.LightningModule):
         Returns:
             Low-res logits [K, M, 4h, 4w] and predicted IoU [K, M], M = 3 or 1.
         """
-        return decode_in_chunks(
-            self._decode_call,
-            resolve_chunk_size(self.decoder_chunk_size, embedding),
-            boxes=boxes,
-            points=points,
-            labels=labels,
-            mask_logits=mask_logits,
-            embedding=embedding,
-            multimask=multimask,
+        chunk = resolve_chunk_size(self.decoder_chunk_size, embedding)
+        return decode_prompts(
+            self.sam, embedding, boxes, points, labels, mask_logits, multimask, chunk
         )
-
-    def _decode_call(
-        self,
-        embedding: torch.Tensor,
-        boxes: torch.Tensor | None,
-        points: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        mask_logits: torch.Tensor | None,
-        multimask: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt-encoder and mask-decoder call for the given prompts."""
-        return decode_prompts(self.sam, embedding, boxes, points, labels, mask_logits, multimask)
 
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits to the padded input frame S x S (the first step of `postprocess_masks`)."""
         return F.interpolate(
             low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False
         )
+
+    def mask_loss(
+        self, low_res: torch.Tensor, iou_pred: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SAM's loss of low-res logits [K, M, 4h, 4w] against [K, S, S] masks.
+
+        `loss.resolution=low_res` area-averages the masks down to the logits' grid (soft
+        targets): 16x fewer pixels, and no upscale to back-propagate through. `input` upscales
+        the logits to the input frame first, as `postprocess_masks` does. `parts` also carries
+        the compared `logits` (detached) and `targets`, for metrics in the same frame.
+        """
+        if self.loss_resolution == "input":
+            logits, targets = self.upscale(low_res), masks
+        else:
+            logits = low_res
+            targets = F.interpolate(masks[:, None].float(), size=low_res.shape[-2:], mode="area")
+            targets = targets[:, 0]
+        loss, parts = self.loss_fn(logits, iou_pred, targets)
+        return loss, {**parts, "logits": logits.detach(), "targets": targets}
+
+    def _metric_masks(
+        self, parts: dict[str, torch.Tensor], masks: torch.Tensor, hw: tuple[int, int], stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted and true masks of the best outputs, cropped to the image, for the metrics.
+
+        Training measures them where the loss compares masks (at low resolution that saves an
+        upscale and two passes over K full-size masks per image); validation and test always
+        in the input frame, where `val/iou` is defined.
+        """
+        rows = torch.arange(parts["best"].shape[0], device=masks.device)
+        logits, targets = parts["logits"][rows, parts["best"]], parts["targets"]
+        if stage != "train" and logits.shape[-1] != self.image_size:
+            logits, targets = self.upscale(logits[:, None])[:, 0], masks
+        scale = logits.shape[-1] / self.image_size
+        h, w = math.ceil(hw[0] * scale), math.ceil(hw[1] * scale)
+        return logits[:, :h, :w] > 0, targets[:, :h, :w] > 0.5
 
     # ---- SAM's interactive recipe and evaluation protocol (issue 5) -----------------------------
     def _interactive_session(
@@ -171,7 +194,7 @@ class SamTask(L.LightningModule):
         """`prompt.mode=interactive`: the simulated click session of `sam_lightning.interactive`."""
         result = interactive_session(
             self.decode,
-            lambda low, iou, gt: self.loss_fn(self.upscale(low), iou, gt),
+            self.mask_loss,
             embedding,
             masks,
             boxes,
@@ -219,20 +242,20 @@ class SamTask(L.LightningModule):
                     continue
             if training and self.prompt_cfg["mode"] == "interactive":
                 loss, pred = self._interactive_session(embeddings[i : i + 1], masks, boxes, (h, w))
+                pred, truth = pred[:, :h, :w], masks[:, :h, :w]
             else:
                 low_res, iou_pred = self.decode(embeddings[i : i + 1], **prompts)
-                logits = self.upscale(low_res)
-                loss, parts = self.loss_fn(logits, iou_pred, masks)
-                rows = torch.arange(logits.shape[0], device=logits.device)
-                pred = logits[rows, parts["best"]] > 0
+                loss, parts = self.mask_loss(low_res, iou_pred, masks)
+                with torch.no_grad():
+                    pred, truth = self._metric_masks(parts, masks, (h, w), stage)
             losses.append(loss)
-            metrics.update(pred[:, :h, :w], masks[:, :h, :w])
+            metrics.update(pred, truth)
             if keep_examples:
                 self.val_examples.append(
                     {
-                        "image": batch["images"][i].cpu(),
+                        "image": batch["images"][i, :, :h, :w].cpu(),
                         "masks": pred.cpu(),
-                        "gt": masks.cpu(),
+                        "gt": truth.cpu(),
                         "boxes": boxes.cpu(),
                         "image_id": batch["image_ids"][i],
                     }

@@ -60,3 +60,32 @@ def test_collection_keeps_iou_and_dice_apart() -> None:
     values = collection.compute()
     assert abs(values["val/iou"].item() - 0.5 / 2) < 1e-6
     assert abs(values["val/dice"].item() - 2 * 8 / 24 / 2) < 1e-6
+
+
+def test_low_res_loss_compares_area_averaged_masks_on_the_logits_grid() -> None:
+    from sam_lightning.errors import UserError
+    from sam_lightning.task import SamTask
+
+    task = SamTask(model={"name": "tiny"}, loss={"resolution": "low_res"})
+    masks = _square(256, 32, 130)[None]  # edges off the 4-px grid: some soft target cells
+    low_res = torch.where(_square(64, 8, 33), 8.0, -8.0)[None, None].requires_grad_(True)
+    iou_pred = torch.ones(1, 1)
+    loss, parts = task.mask_loss(low_res, iou_pred, masks)
+    expected_targets = torch.nn.functional.avg_pool2d(masks[:, None].float(), 4)[:, 0]
+    assert expected_targets.unique().tolist() == [0.0, 0.25, 0.5, 1.0]  # edge and corner cells
+    expected, _ = SamLoss()(low_res, iou_pred, expected_targets)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert low_res.grad.shape == low_res.shape
+    # both resolutions tell the matching logits from their inverse
+    inverse, _ = task.mask_loss(-low_res.detach(), iou_pred, masks)
+    task.loss_resolution = "input"
+    full, _ = task.mask_loss(low_res.detach(), iou_pred, masks)
+    full_inverse, _ = task.mask_loss(-low_res.detach(), iou_pred, masks)
+    assert max(loss.item(), full.item()) < 0.5 < 10 < min(inverse.item(), full_inverse.item())
+    try:
+        SamTask(model={"name": "tiny"}, loss={"resolution": "high"})
+    except UserError as err:
+        assert "loss.resolution='high'" in str(err) and "low_res" in str(err)
+    else:
+        raise AssertionError("an unknown loss.resolution was accepted")
