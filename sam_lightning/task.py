@@ -30,6 +30,8 @@ from sam_lightning.prompts import build_training_prompts
 DEFAULT_PROMPT = {"mode": "box", "max_instances": 32, "box_noise_std": 0.1, "box_max_noise": 20.0}
 DEFAULT_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999)}
 DEFAULT_SCHEDULER = {"warmup_steps": 50, "min_lr_ratio": 0.01}
+#: validation images kept per epoch for the mask-overlay callbacks (from the first batches)
+VAL_EXAMPLES = 4
 #: where SAM's loss compares masks: the decoder's low-res grid or the padded input frame (S x S)
 LOSS_RESOLUTIONS = ("low_res", "input")
 
@@ -229,7 +231,7 @@ class SamTask(L.LightningModule):
             self._evaluate_protocols(batch, embeddings, stage)
         losses = []
         metrics = self.metrics[f"{stage}_metrics"]
-        keep_examples = stage == "val" and not self.val_examples
+        keep_examples = stage == "val" and len(self.val_examples) < VAL_EXAMPLES
         for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"], strict=True)):
             if masks.shape[0] == 0:
                 continue
@@ -260,7 +262,7 @@ class SamTask(L.LightningModule):
                         "image_id": batch["image_ids"][i],
                     }
                 )
-                keep_examples = len(self.val_examples) < 4
+                keep_examples = len(self.val_examples) < VAL_EXAMPLES
         if not losses:  # no instance in the whole batch: a zero loss that keeps the graph
             return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         loss = torch.stack(losses).mean()
