@@ -5,7 +5,6 @@ Everything here is callable from Python with a composed config, no Hydra runtime
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,15 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sam_lightning.callbacks import RunSummary
 from sam_lightning.model.params import format_parameter_report, parameter_report
 from sam_lightning.task import SamTask
+
+#: under DDP every process runs `train`; the parameter table and the summary print once
+rank_zero_print = rank_zero_only(print)
 
 
 def plain(cfg: DictConfig | dict | None) -> Any:
@@ -90,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
     params = parameter_report(task.sam)
-    print(format_parameter_report(params))
+    rank_zero_print(format_parameter_report(params))
     callbacks = build_callbacks(cfg)
     summary_cb = RunSummary(str(out_dir / "summary.json"))
     trainer = instantiate(
@@ -106,15 +109,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(plain(cfg))
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    summary = summary_cb.summary(trainer)
-    summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary = summary_cb.summary(trainer)  # RunSummary wrote it at the end of fit (rank zero)
     best = summary["best"]
     if best:
-        print(
+        rank_zero_print(
             f"best val/iou {best.get('val/iou', float('nan')):.4f}  val/dice "
             f"{best.get('val/dice', float('nan')):.4f}  (box-fill reference "
             f"{summary['reference']['box_fill_iou']:.4f})"
         )
-    print(summary_path)
+    rank_zero_print(summary_cb.path)
     return summary

@@ -125,6 +125,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained_run, train_root
     assert last.read_bytes() == before
 
 
+def SESSION_DATA(root: Path) -> tuple[str, ...]:  # noqa: N802 (reads like the constant it is)
+    """The quickstart on the session dataset, as CLI arguments (the same arguments as the
+    fixture wrote it with, so the run does not rewrite it)."""
+    return (
+        "experiment=quickstart",
+        f"data.root={root}",
+        "data.synthetic.num_train=16",
+        "data.synthetic.num_val=8",
+    )
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run(
@@ -152,7 +163,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_errors_are_one_message_without_traceback(
     args, expected, tmp_path: Path, synthetic_root: Path
 ) -> None:
-    result = _cli("experiment=quickstart", f"data.root={synthetic_root}", *args, cwd=tmp_path)
+    data = ("experiment=quickstart",) if "data=directory" in args else SESSION_DATA(synthetic_root)
+    result = _cli(*data, *args, cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -173,3 +185,22 @@ def test_validation_keeps_four_overlay_examples_across_small_batches(synthetic_r
     for ex in task.val_examples:  # cropped to the image: overlays show no padding
         assert ex["image"].shape[1:] == ex["masks"].shape[1:] == ex["gt"].shape[1:]
         assert ex["image"].shape[1:] != (256, 256)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_root: Path) -> None:
+    """`trainer=ddp` on a CPU (gloo): both processes train, one summary is written and printed."""
+    result = _cli(
+        *SESSION_DATA(synthetic_root),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "debug=fast_dev_run",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = [line for line in result.stdout.splitlines() if line.endswith("summary.json")]
+    assert len(printed) == 1 and Path(printed[0]).is_file()
+    assert json.loads(Path(printed[0]).read_text())["best"]["step"] == 1
