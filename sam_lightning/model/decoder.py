@@ -134,7 +134,7 @@ def predict_masks(
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens[None].expand(k, -1, -1), sparse], dim=1)  # also the query PE
-    _, c, h, w = image_embedding.shape
+    h, w = image_embedding.shape[-2:]
     src = (image_embedding + dense).flatten(2).transpose(1, 2)  # [1 or K, hw, C]
     pos = image_pe.flatten(2).transpose(1, 2)
     transformer = decoder.transformer
