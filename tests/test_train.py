@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained_run, train_root
     assert last.read_bytes() == before
 
 
-def SESSION_DATA(root: Path) -> tuple[str, ...]:  # noqa: N802 (reads like the constant it is)
+def session_data_args(root: Path) -> tuple[str, ...]:
     """The quickstart on the session dataset, as CLI arguments (the same arguments as the
     fixture wrote it with, so the run does not rewrite it)."""
     return (
@@ -163,7 +163,11 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_errors_are_one_message_without_traceback(
     args, expected, tmp_path: Path, synthetic_root: Path
 ) -> None:
-    data = ("experiment=quickstart",) if "data=directory" in args else SESSION_DATA(synthetic_root)
+    data = (
+        ("experiment=quickstart",)
+        if "data=directory" in args
+        else session_data_args(synthetic_root)
+    )
     result = _cli(*data, *args, cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr
@@ -191,7 +195,7 @@ def test_validation_keeps_four_overlay_examples_across_small_batches(synthetic_r
 def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_root: Path) -> None:
     """`trainer=ddp` on a CPU (gloo): both processes train, one summary is written and printed."""
     result = _cli(
-        *SESSION_DATA(synthetic_root),
+        *session_data_args(synthetic_root),
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
