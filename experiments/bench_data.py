@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam_lightning.data.augment import AlbumentationsAugment, default_train_transforms
+from sam_lightning.config import compose_config
+from sam_lightning.data.augment import AlbumentationsAugment
 from sam_lightning.data.directory import DirectoryDataset
 from sam_lightning.data.io import read_image, read_mask_array
 from sam_lightning.data.synthetic import make_synthetic_image
-from sam_lightning.prompts import build_training_prompts
+from sam_lightning.prompts.sampling import build_training_prompts
 
 SIZES = [(960, 1280), (1080, 1440), (1200, 1600)]  # 1.2, 1.6, 1.9 MP
 PROMPT = {"mode": "both", "num_points": 1, "num_negative": 1, "max_instances": 32}
@@ -90,7 +91,9 @@ def main() -> None:
         "train",
         args.size,
         min_mask_area=16,
-        augment=AlbumentationsAugment(default_train_transforms()),
+        augment=AlbumentationsAugment(
+            plain(compose_config(overrides=["data=directory"]).data.augment.train)
+        ),
     )
     n = len(plain)
     torch.manual_seed(0)

@@ -54,10 +54,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.sample import collate_samples, make_sample
+from sam_lightning.lightning.task import SamTask
 from sam_lightning.model.attention import set_attention
-from sam_lightning.model.build import MODEL_SPECS
 from sam_lightning.model.decoder import resolve_chunk_size
-from sam_lightning.task import SamTask
+from sam_lightning.model.specs import MODEL_SPECS
 
 STRATEGIES = {
     "full": {"_target_": "sam_lightning.model.strategies.FullStrategy"},

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from sam_lightning.model.build import build_sam_architecture
 from sam_lightning.model.params import parameter_report
+from sam_lightning.model.specs import build_sam_architecture
 from sam_lightning.model.strategies import COMPONENTS, instantiate_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "strategy"

@@ -2,7 +2,7 @@
 
 Options (`key=value`, Hydra-style): `delta=true` writes only what trained, with the strategy's
 settings; `model=<size>` checks that the checkpoint is of that size. The logic lives in
-`sam_lightning.model.export`.
+`sam_lightning.pipelines.export`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from omegaconf import OmegaConf
 
 from sam_lightning.errors import UserError, exit_on_user_error
+from sam_lightning.pipelines.export import export_checkpoint
 
 USAGE = "python -m sam_lightning.export ckpt=<run dir>/checkpoints/last.ckpt out=<file> [delta=true] [model=<size>]"
 KEYS = {"ckpt", "out", "delta", "model"}
@@ -34,8 +35,6 @@ def parse_args(argv: Sequence[str]) -> dict:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    from sam_lightning.model.export import export_checkpoint
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = export_checkpoint(
         str(args["ckpt"]), str(args["out"]), bool(args.get("delta", False)), args.get("model")

@@ -1,32 +1,53 @@
-"""Shared fixtures: a small synthetic dataset and Hydra composition without the Hydra runtime."""
+"""Shared fixtures: a small synthetic dataset, and configs composed from the packaged YAML
+(the one home of every default), so tests run what users run."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from sam_lightning.config import CONF_DIR, compose_config, plain
+from sam_lightning.data.synthetic import write_synthetic_dataset
+from sam_lightning.lightning.task import SamTask
+from sam_lightning.pipelines.fit import build_task
+
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+__all__ = [
+    "CONF_DIR",
+    "compose_evaluate",
+    "compose_train",
+    "default_train_transforms",
+    "prompt_config",
+    "quickstart",
+    "tiny_config",
+    "tiny_task",
+]
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic directory dataset (16 train, 8 val images), written once per session."""
-    from sam_lightning.data.synthetic import write_synthetic_dataset
-
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=16, num_val=8)
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """The training config for `overrides`, with its run folder at `output_dir`."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config("train", overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def compose_evaluate(overrides: list[str], output_dir: Path) -> DictConfig:
+    """conf/evaluate.yaml for `overrides`, writing into `output_dir`."""
+    cfg = compose_config("evaluate", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
@@ -45,3 +66,23 @@ def quickstart(tmp_path: Path, synthetic_root: Path, *overrides: str) -> DictCon
         ],
         tmp_path,
     )
+
+
+def tiny_config(*overrides: str) -> DictConfig:
+    """The quickstart's config (tiny model, box prompts), with overrides; no run folder."""
+    return compose_train(["experiment=quickstart", *overrides], Path("unused"))
+
+
+def tiny_task(*overrides: str) -> SamTask:
+    """The quickstart's `SamTask`, with config overrides."""
+    return build_task(tiny_config(*overrides))
+
+
+def prompt_config(option: str = "box", **settings: Any) -> dict[str, Any]:
+    """`conf/prompt/<option>.yaml` as a plain dict, with some settings replaced."""
+    return {**plain(compose_config("train", [f"prompt={option}"]).prompt), **settings}
+
+
+def default_train_transforms() -> list[dict[str, Any]]:
+    """`conf/data/augment/default.yaml`'s train transforms, as the `_target_` dicts users run."""
+    return plain(compose_config("train", ["data=directory"]).data.augment.train)

@@ -19,7 +19,7 @@ from sam_lightning.model.attention import (
     grad_checkpointing_enabled,
     set_attention,
 )
-from sam_lightning.model.build import MODEL_SPECS, build_sam_architecture
+from sam_lightning.model.specs import MODEL_SPECS, build_sam_architecture
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,8 @@ import torch
 from segment_anything import sam_model_registry
 
 from sam_lightning.errors import UserError
-from sam_lightning.model.build import MODEL_SPECS, build_sam, build_sam_architecture
+from sam_lightning.model.specs import MODEL_SPECS, build_sam_architecture
+from sam_lightning.model.weights import build_sam
 
 
 def test_official_architectures_match_segment_anything() -> None:
@@ -45,7 +46,9 @@ def test_missing_checkpoint_names_path_and_download(tmp_path: Path) -> None:
 def test_checkpoint_of_another_size_names_both(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pth"
     torch.save(build_sam("tiny").state_dict(), path)
-    with pytest.raises(UserError, match=r"holds a tiny checkpoint but the model is vit_b"):
+    with pytest.raises(
+        UserError, match=r"holds a tiny model but the model is vit_b: set model=tiny"
+    ):
         build_sam("vit_b", checkpoint=path)
 
 

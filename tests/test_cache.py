@@ -22,13 +22,13 @@ from sam_lightning.data.cache import (
 from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.sample import collate_samples, make_sample
 from sam_lightning.errors import UserError
-from sam_lightning.model.build import build_sam_architecture
+from sam_lightning.model.specs import build_sam_architecture
 from sam_lightning.model.strategies import (
     AdapterStrategy,
     DecoderOnlyStrategy,
     FullStrategy,
 )
-from sam_lightning.task import SamTask
+from tests.conftest import tiny_task
 
 DECODER_ONLY = {"_target_": "sam_lightning.model.strategies.DecoderOnlyStrategy"}
 
@@ -172,7 +172,7 @@ def datamodule(root: Path, cache_dir: Path, cache: bool = True) -> SamDataModule
 
 def test_training_from_the_cache_never_runs_the_encoder(small_root, tmp_path):
     torch.manual_seed(0)
-    task = SamTask(model={"name": "tiny", "attention": "eager"}, strategy=DECODER_ONLY)
+    task = tiny_task("model.attention=eager", "strategy=decoder_only")
     dm = datamodule(small_root, tmp_path / "cache")
     calls = []
     task.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -197,7 +197,7 @@ def test_training_from_the_cache_never_runs_the_encoder(small_root, tmp_path):
     calls.clear()
     dm2 = datamodule(small_root, tmp_path / "cache")
     dm2.setup("fit")
-    attach_embedding_cache(task, dm2)
+    attach_embedding_cache(task.sam, task.encode, dm2)
     assert calls == []
     # Decoding from the bf16 cache matches decoding from a fresh float32 embedding.
     sample = dm2.datasets["val"][0]
@@ -210,7 +210,7 @@ def test_training_from_the_cache_never_runs_the_encoder(small_root, tmp_path):
 
 
 def test_fit_refuses_the_cache_when_the_encoder_trains(small_root, tmp_path):
-    task = SamTask(model={"name": "tiny"}, strategy=None)  # full fine-tune
+    task = tiny_task("strategy=full")
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=1,

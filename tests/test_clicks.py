@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sam_lightning.clicks import (
+from sam_lightning.prompts.clicks import (
     distance_to_boundary,
     error_region_click,
     farthest_point_click,

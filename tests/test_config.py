@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from sam_lightning.config import plain
 from sam_lightning.model.strategies import Strategy, instantiate_strategy
-from sam_lightning.training import plain
 from tests.conftest import CONF_DIR, compose_train
 
 GROUPS = [

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from sam_lightning.data.augment import (
     AlbumentationsAugment,
     build_augment,
-    default_train_transforms,
     pack_labels,
     pack_masks,
     prepare_sample,
@@ -23,6 +22,7 @@ from sam_lightning.data.io import labels_to_masks
 from sam_lightning.data.sample import make_sample
 from sam_lightning.data.transforms import boxes_from_masks, resize_masks
 from sam_lightning.errors import UserError
+from tests.conftest import default_train_transforms
 
 
 def _scene(seed: int, n: int, h: int = 60, w: int = 80) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_lightning.data.augment import AlbumentationsAugment, default_train_transforms
+from sam_lightning.data.augment import AlbumentationsAugment
 from sam_lightning.data.directory import DirectoryDataset
-from sam_lightning.data.inspection import dataset_statistics, format_statistics, inspection_grid
+from sam_lightning.pipelines.inspect import dataset_statistics, format_statistics, inspection_grid
+from tests.conftest import default_train_transforms, prompt_config
 
 
 @pytest.fixture()
@@ -50,8 +51,8 @@ def test_grid_shows_every_sample_at_its_input_size(known: Path) -> None:
     ds = DirectoryDataset(
         known, "train", 64, augment=AlbumentationsAugment(default_train_transforms())
     )
-    grid = inspection_grid(ds, {"mode": "both", "num_negative": 1}, num_samples=3, columns=2)
+    grid = inspection_grid(ds, prompt_config("both"), num_samples=3, columns=2)
     # 3 pictures of 26 x 64 (input size of 20 x 50 at S = 64) in 2 columns, 4 px padding
     assert grid.shape == (4 + 2 * (26 + 4), 4 + 2 * (64 + 4), 3) and grid.dtype == np.uint8
-    again = inspection_grid(ds, {"mode": "both", "num_negative": 1}, num_samples=3, columns=2)
+    again = inspection_grid(ds, prompt_config("both"), num_samples=3, columns=2)
     np.testing.assert_array_equal(grid, again)  # seeded

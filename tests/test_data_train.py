@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from sam_lightning.data.coco import write_coco_example
-from sam_lightning.training import train
+from sam_lightning.pipelines.fit import train
 from tests.conftest import compose_train
 from tests.test_data_directory import write_directory
 

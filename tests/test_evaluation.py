@@ -2,26 +2,55 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from unittest.mock import MagicMock
+
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
-from sam_lightning.clicks import farthest_point_click
+from sam_lightning.config import compose_config, plain
+from sam_lightning.data.directory import DirectoryDataset
+from sam_lightning.data.sample import collate_samples
+from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.errors import UserError
-from sam_lightning.evaluation import (
+from sam_lightning.evaluation.aggregate import instance_count, protocol_metrics, results_table
+from sam_lightning.evaluation.protocol import (
     InstanceScores,
     ProtocolConfig,
     evaluate_batch,
     evaluate_image,
-    instance_count,
-    markdown_table,
     noc,
-    protocol_metrics,
-    results_table,
-    sam_decoder,
-    to_masks,
 )
+from sam_lightning.evaluation.report import markdown_table, plot_curves
+from sam_lightning.model.decoder import sam_decoder, to_masks
+from sam_lightning.model.weights import build_sam
+from sam_lightning.pipelines.evaluate import evaluate_from_config, log_evaluation
+from sam_lightning.pipelines.fit import train
+from sam_lightning.prompts.clicks import farthest_point_click
+from tests.conftest import compose_evaluate, compose_train, quickstart, tiny_task
 
 S = 64
+NONE = {
+    "box": False,
+    "box_click": False,
+    "clicks": (),
+    "oracle": False,
+    "noc": False,
+    "noc_thresholds": (0.85, 0.90),
+    "max_noc_clicks": 20,
+}
+
+
+def protocol(**chosen) -> ProtocolConfig:
+    """A `ProtocolConfig` running only the chosen protocols."""
+    return ProtocolConfig(**{**NONE, **chosen})
+
+
+def full_protocol() -> ProtocolConfig:
+    """What `python -m sam_lightning.evaluate` runs: conf/evaluate.yaml's protocol."""
+    return ProtocolConfig.from_dict(plain(compose_config("evaluate", ["ckpt=x"]).protocol))
 
 
 def disk(cx: int, cy: int, r: float, size: int = S) -> torch.Tensor:
@@ -86,7 +115,7 @@ class ClickDecoder:
 def test_ground_truth_decoder_scores_one_everywhere() -> None:
     gt = torch.stack([disk(20, 20, 8), disk(40, 44, 12)])
     boxes = torch.tensor([[12.0, 12, 28, 28], [28, 32, 52, 56]])
-    config = ProtocolConfig.full()
+    config = full_protocol()
     scores = evaluate_image(GroundTruthDecoder(gt), torch.zeros(1), gt, boxes, S, config)
     assert set(scores.iou) == set(config.protocols)
     for name in config.protocols:
@@ -110,7 +139,7 @@ def test_click_session_prompts_as_the_paper_says() -> None:
         gt,
         torch.tensor([[20.0, 20, 40, 40]]),
         S,
-        ProtocolConfig(box=False, clicks=(3,)),
+        protocol(clicks=(3,)),
     )
     first, second, third = decoder.calls
     assert first["multimask"] and first["mask_logits"] is None
@@ -125,9 +154,7 @@ def test_box_click_feeds_the_box_prediction_back() -> None:
     gt = torch.stack([disk(30, 30, 10)])
     decoder = GroundTruthDecoder(gt)
     box = torch.tensor([[20.0, 20, 40, 40]])
-    evaluate_image(
-        decoder, torch.zeros(1), gt, box, S, ProtocolConfig(box=True, box_click=True, clicks=())
-    )
+    evaluate_image(decoder, torch.zeros(1), gt, box, S, protocol(box=True, box_click=True))
     assert len(decoder.calls) == 2
     assert decoder.calls[1]["boxes"].tolist() == box.tolist()
     assert decoder.calls[1]["mask_logits"].shape == (1, 1, S, S)
@@ -138,7 +165,7 @@ def test_clicks_improve_and_oracle_picks_the_best_mask() -> None:
     gt = torch.zeros(1, S, S, dtype=torch.bool)
     gt[0, 10:50, 10:22] = True
     gt[0, 38:50, 10:54] = True
-    config = ProtocolConfig(box=False, clicks=(1, 2, 3, 5, 9), oracle=True, noc=True)
+    config = protocol(clicks=(1, 2, 3, 5, 9), oracle=True, noc=True)
     scores = evaluate_image(ClickDecoder(), torch.zeros(1), gt, torch.zeros(1, 4), S, config)
     x, y = farthest_point_click(gt)[0][0].long().tolist()
     assert 10 <= x < 22 and 38 <= y < 50  # the deepest point is in the corner of the ell
@@ -163,7 +190,7 @@ def test_noc_counts_clicks_to_the_threshold_and_caps() -> None:
 
 
 def test_metric_aggregates_over_batches_like_one_batch() -> None:
-    config = ProtocolConfig(box=True, clicks=(1, 2), noc=False)
+    config = protocol(box=True, clicks=(1, 2))
     a = InstanceScores(
         iou={
             "box": torch.tensor([0.5, 1.0]),
@@ -202,7 +229,7 @@ def test_metric_aggregates_over_batches_like_one_batch() -> None:
         assert values["2click/dice"].item() == pytest.approx(2.0 / 3)
         assert values["curve/2"].item() == pytest.approx(values["2click/iou"].item())
     assert instance_count(split) == 3
-    table = results_table({k: v.item() for k, v in split.compute().items()}, config, 3)
+    table = results_table({k: v.item() for k, v in split.compute().items()}, config)
     assert table["protocols"]["box"]["miou"] == pytest.approx(0.5)
     assert table["miou_per_click"] == pytest.approx([0.2, 17 / 30])
     assert "| box | 0.5000 | 0.5333 |" in markdown_table({"model": table})
@@ -211,11 +238,13 @@ def test_metric_aggregates_over_batches_like_one_batch() -> None:
 
 
 def test_protocol_config_from_dict_names_unknown_keys() -> None:
-    config = ProtocolConfig.from_dict({"box": True, "clicks": [1, 5]})
+    config = ProtocolConfig.from_dict({**NONE, "box": True, "clicks": [1, 5]})
     assert config.protocols == ["box", "1click", "5click"] and config.num_clicks == 5
-    assert ProtocolConfig.full().num_clicks == 20
+    assert full_protocol().num_clicks == 20
     with pytest.raises(UserError, match="click"):
-        ProtocolConfig.from_dict({"clickz": [1]})
+        ProtocolConfig.from_dict({**NONE, "clickz": [1]})
+    with pytest.raises(UserError, match="key.s. noc not set"):
+        ProtocolConfig.from_dict({k: v for k, v in NONE.items() if k != "noc"})
 
 
 def test_to_masks_crops_the_padding() -> None:
@@ -225,8 +254,6 @@ def test_to_masks_crops_the_padding() -> None:
 
 
 def test_tiny_model_scores_are_fractions() -> None:
-    from sam_lightning.model.build import build_sam
-
     torch.manual_seed(0)
     sam = build_sam("tiny").eval()
     size = sam.image_encoder.img_size
@@ -240,7 +267,7 @@ def test_tiny_model_scores_are_fractions() -> None:
     }
     with torch.no_grad():
         embeddings = sam.image_encoder(torch.zeros(1, 3, size, size))
-    config = ProtocolConfig(
+    config = protocol(
         box=True, box_click=True, clicks=(1, 3), oracle=True, noc=True, max_noc_clicks=4
     )
     scores = evaluate_batch(sam_decoder(sam), embeddings, batch, size, config)
@@ -256,12 +283,6 @@ def test_tiny_model_scores_are_fractions() -> None:
 
 
 def test_wandb_gets_the_table_and_the_plot(tmp_path) -> None:
-    from unittest.mock import MagicMock
-
-    from lightning.pytorch.loggers import WandbLogger
-
-    from sam_lightning.evaluation import _log_to_loggers, plot_curves
-
     results = {
         "protocols": {"box": {"miou": 0.5, "dice": 0.6}, "1click": {"miou": 0.3, "dice": 0.4}},
         "miou_per_click": [0.3, 0.45, 0.5],
@@ -271,7 +292,7 @@ def test_wandb_gets_the_table_and_the_plot(tmp_path) -> None:
     plot = plot_curves(runs, tmp_path / "eval.png")
     assert plot.stat().st_size > 0
     wandb, csv = MagicMock(spec=WandbLogger), MagicMock()
-    _log_to_loggers([wandb, csv], runs, plot)
+    log_evaluation([wandb, csv], runs, plot)
     table = wandb.log_table.call_args.kwargs
     assert table["columns"] == ["model", "protocol", "miou", "dice"]
     assert ["tuned", "box", 0.5, 0.6] in table["data"] and len(table["data"]) == 4
@@ -282,6 +303,56 @@ def test_wandb_gets_the_table_and_the_plot(tmp_path) -> None:
     }
 
 
+def test_evaluate_reproduces_validation_through_the_same_test_step(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    """`evaluate` on a run's best checkpoint gives that run's best `val/<protocol>/iou`.
+
+    Both go through `SamTask`'s step (validation during fit, `Trainer.test` in evaluate), on the
+    same images in the same batches: the figures agree to float32 summation order.
+    """
+    protocols = ["evaluation.box_click=true", "evaluation.clicks=[1,3]", "evaluation.oracle=true"]
+    summary = train(
+        quickstart(tmp_path / "run", synthetic_root, "trainer.max_epochs=2", *protocols)
+    )
+    best = summary["best"]
+    report = evaluate_from_config(
+        compose_evaluate(
+            [
+                f"ckpt={summary['best_ckpt']}",
+                "data=synthetic",
+                f"data.root={synthetic_root}",
+                "data.synthetic.num_train=16",
+                "data.synthetic.num_val=8",
+                "data.batch_size=2",
+                "device=cpu",
+            ],
+            tmp_path / "eval",
+        )
+    )
+    got = report["model"]["protocols"]
+    for name in ("box", "box_1click", "1click", "3click", "1click_oracle"):
+        assert got[name]["miou"] == pytest.approx(best[f"val/{name}/iou"], abs=1e-6), name
+        assert got[name]["dice"] == pytest.approx(best[f"val/{name}/dice"], abs=1e-6), name
+    assert report["model"]["instances"] == best["val/instances"] > 8
+    assert got["box"]["miou"] == pytest.approx(best["val/iou"], abs=1e-6)  # the same decode
+    assert len(report["model"]["miou_per_click"]) == 20  # evaluate's NoC session: 20 clicks
+
+
+def test_validation_decodes_each_box_prompt_once(synthetic_root: Path) -> None:
+    task = tiny_task("evaluation.clicks=[]").eval()
+    task.log = task.log_dict = lambda *args, **kwargs: None
+    calls = []
+    decode = task.decode
+    task.decode = lambda *args, **kwargs: calls.append(kwargs) or decode(*args, **kwargs)
+    batch = collate_samples([DirectoryDataset(synthetic_root, "val", 256)[i] for i in (0, 1)])
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+    assert len(calls) == 2 and all(c["boxes"] is not None for c in calls)  # one per image
+    box_iou = task.protocol_metrics["val"]["box/iou"].compute().item()
+    assert box_iou == pytest.approx(task.metrics["val_metrics"]["iou"].compute().item(), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_interactive_quickstart_then_evaluate(tmp_path) -> None:
     """Quickstart with box prompts, then prompt=interactive from it; evaluate the best checkpoint.
@@ -290,16 +361,6 @@ def test_interactive_quickstart_then_evaluate(tmp_path) -> None:
     (measured on the quickstart), which interactive steps make slow on a CPU; a 160-step box warm
     start on 160 images gets it out of that regime cheaply.
     """
-    import json
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from sam_lightning.data.synthetic import write_synthetic_dataset
-    from sam_lightning.evaluation import evaluate_from_config
-    from sam_lightning.training import train
-    from tests.conftest import CONF_DIR, compose_train
-
     root = write_synthetic_dataset(tmp_path / "data", num_train=160, num_val=8)
     data = [
         "experiment=quickstart",
@@ -330,20 +391,17 @@ def test_interactive_quickstart_then_evaluate(tmp_path) -> None:
     )
     summary = train(cfg)
     best = summary["best"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        eval_cfg = compose(
-            config_name="evaluate",
-            overrides=[
-                f"ckpt={summary['best_ckpt']}",
-                "data=synthetic",
-                f"data.root={root}",
-                "data.synthetic.num_train=160",
-                "data.synthetic.num_val=8",
-                "device=cpu",
-            ],
-        )
-    with open_dict(eval_cfg):
-        eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    eval_cfg = compose_evaluate(
+        [
+            f"ckpt={summary['best_ckpt']}",
+            "data=synthetic",
+            f"data.root={root}",
+            "data.synthetic.num_train=160",
+            "data.synthetic.num_val=8",
+            "device=cpu",
+        ],
+        tmp_path / "eval",
+    )
     report = evaluate_from_config(eval_cfg)
     protocols = report["model"]["protocols"]
     # the same protocol on the same split gives what validation logged for this checkpoint

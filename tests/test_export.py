@@ -18,15 +18,14 @@ from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.sample import make_sample
 from sam_lightning.errors import UserError
 from sam_lightning.export import main as export_main
-from sam_lightning.model.build import build_sam, build_sam_architecture
-from sam_lightning.model.export import (
-    TRAINABLE_ONLY_KEY,
-    export_checkpoint,
-    keep_trainable_only,
-    load_delta_export,
-)
+from sam_lightning.lightning.checkpoints import keep_trainable_only
+from sam_lightning.lightning.task import SamTask
+from sam_lightning.model.specs import build_sam_architecture
 from sam_lightning.model.strategies import LoRAStrategy, lora_layers
-from sam_lightning.task import SamTask
+from sam_lightning.model.weights import TRAINABLE_ONLY_KEY, build_sam, load_delta_export
+from sam_lightning.pipelines.export import export_checkpoint
+from sam_lightning.pipelines.fit import build_task
+from tests.conftest import tiny_config, tiny_task
 
 STRATEGIES = {
     "lora": {
@@ -70,13 +69,15 @@ def fit(task: SamTask, root: Path, out_dir: Path, steps: int, ckpt_path: str | N
 
 
 def new_task(strategy: str, base: Path, trainable_only: bool = False) -> SamTask:
-    return SamTask(
-        model={"name": "tiny", "checkpoint": str(base)},
-        strategy=STRATEGIES[strategy],
-        optimizer={"lr": 1e-2, "weight_decay": 0.0},
-        scheduler={"warmup_steps": 0},
-        checkpoint={"trainable_only": trainable_only},
+    cfg = tiny_config(
+        f"model.checkpoint={base}",
+        "optimizer.lr=1e-2",
+        "optimizer.weight_decay=0.0",
+        "scheduler.warmup_steps=0",
+        f"checkpoint.trainable_only={trainable_only}",
     )
+    cfg.strategy = STRATEGIES[strategy]
+    return build_task(cfg)
 
 
 @pytest.fixture(scope="module", params=list(STRATEGIES))
@@ -207,16 +208,16 @@ def test_trainable_only_checkpoint_is_small_loads_and_resumes(
 
 def test_trainable_only_needs_base_weights():
     with pytest.raises(UserError, match="trainable_only=true needs model.checkpoint"):
-        SamTask(model={"name": "tiny"}, checkpoint={"trainable_only": True})
+        tiny_task("checkpoint.trainable_only=true")
 
 
 def test_other_model_size_names_both(run, tmp_path, capsys):
     _, ckpt, _ = run
-    with pytest.raises(UserError, match="holds a tiny model but this model is vit_b"):
+    with pytest.raises(UserError, match="holds a tiny model but the model is vit_b"):
         export_checkpoint(ckpt, tmp_path / "x.pth", model="vit_b")
-    task = SamTask(model={"name": "tiny"})
+    task = tiny_task()
     fake = {"hyper_parameters": {"model": {"name": "vit_h"}}, "state_dict": {}}
-    with pytest.raises(UserError, match="holds a vit_h model but this model is tiny"):
+    with pytest.raises(UserError, match="holds a vit_h model but the model is tiny"):
         task.on_load_checkpoint(fake)
     with pytest.raises(SystemExit) as exit_info:
         export_main([f"ckpt={ckpt}", f"out={tmp_path / 'x.pth'}", "model=vit_b"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sam_lightning.interactive import InteractiveConfig, interactive_session, round_schedule
+from sam_lightning.prompts.interactive import InteractiveConfig, interactive_session, round_schedule
 
 S = 64
 
@@ -148,9 +148,9 @@ def test_clicks_stay_out_of_the_padding() -> None:
 def test_tiny_model_session_trains_with_sam_loss() -> None:
     import torch.nn.functional as F
 
-    from sam_lightning.evaluation import sam_decoder
     from sam_lightning.losses import SamLoss
-    from sam_lightning.model.build import build_sam
+    from sam_lightning.model.decoder import sam_decoder
+    from sam_lightning.model.weights import build_sam
 
     torch.manual_seed(0)
     sam = build_sam("tiny")
@@ -167,7 +167,7 @@ def test_tiny_model_session_trains_with_sam_loss() -> None:
         logits = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
         return sam_loss(logits, iou_pred, target)
 
-    config = InteractiveConfig(click_rounds=1, mask_rounds=1)
+    config = InteractiveConfig(click_rounds=1, mask_rounds=1, point_prob=0.5)
     g = torch.Generator().manual_seed(3)
     result = interactive_session(
         sam_decoder(sam), loss_fn, embedding, gt, boxes, (size, size), config, g

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sam_lightning.errors import UserError
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import MaskDice, MaskIoU, mask_iou, mask_metrics
+from tests.conftest import tiny_task
 
 
 def _square(size: int, lo: int, hi: int) -> torch.Tensor:
@@ -63,10 +66,7 @@ def test_collection_keeps_iou_and_dice_apart() -> None:
 
 
 def test_low_res_loss_compares_area_averaged_masks_on_the_logits_grid() -> None:
-    from sam_lightning.errors import UserError
-    from sam_lightning.task import SamTask
-
-    task = SamTask(model={"name": "tiny"}, loss={"resolution": "low_res"})
+    task = tiny_task("loss.resolution=low_res")
     masks = _square(256, 32, 130)[None]  # edges off the 4-px grid: some soft target cells
     low_res = torch.where(_square(64, 8, 33), 8.0, -8.0)[None, None].requires_grad_(True)
     iou_pred = torch.ones(1, 1)
@@ -83,9 +83,5 @@ def test_low_res_loss_compares_area_averaged_masks_on_the_logits_grid() -> None:
     full, _ = task.mask_loss(low_res.detach(), iou_pred, masks)
     full_inverse, _ = task.mask_loss(-low_res.detach(), iou_pred, masks)
     assert max(loss.item(), full.item()) < 0.5 < 10 < min(inverse.item(), full_inverse.item())
-    try:
-        SamTask(model={"name": "tiny"}, loss={"resolution": "high"})
-    except UserError as err:
-        assert "loss.resolution='high'" in str(err) and "low_res" in str(err)
-    else:
-        raise AssertionError("an unknown loss.resolution was accepted")
+    with pytest.raises(UserError, match=r"loss.resolution='high'.*low_res"):
+        tiny_task("loss.resolution=high")

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
+from sam_lightning.config import compose_config
 from sam_lightning.errors import UserError
-from sam_lightning.model.build import build_sam
-from sam_lightning.predict import read_prompts, run_predict
+from sam_lightning.model.weights import build_sam
+from sam_lightning.pipelines.predict import read_prompts, run_predict
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +37,11 @@ def images(tmp_path: Path) -> Path:
     return folder
 
 
-def config(weights: Path, images: Path, out: Path, **extra) -> OmegaConf:
-    base = {
-        "ckpt": str(weights),
-        "images": str(images),
-        "prompts": None,
-        "mode": "prompts",
-        "device": "cpu",
-        "multimask": True,
-        "out_dir": str(out),
-        "model": {"name": "vit_b"},  # the checkpoint's own size wins
-        "auto": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
-    }
-    return OmegaConf.create({**base, **extra})
+def config(weights: Path, images: Path, out: Path, **extra: str) -> DictConfig:
+    """conf/predict.yaml for these weights and images; model stays vit_b: the file's size wins."""
+    auto = ["auto.points_per_side=2", "auto.pred_iou_thresh=0.0", "auto.stability_score_thresh=0.0"]
+    overrides = [f"ckpt={weights}", f"images={images}", "device=cpu", f"out_dir={out}", *auto]
+    return compose_config("predict", [*overrides, *(f"{k}={v}" for k, v in extra.items())])
 
 
 def test_box_masks_equal_sam_predictor(weights: Path, images: Path, tmp_path: Path) -> None:
@@ -131,12 +124,8 @@ def test_prompt_mistakes_name_the_entry(weights: Path, images: Path, tmp_path: P
 
 
 def test_predict_and_evaluate_configs_compose() -> None:
-    from hydra import compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("predict", overrides=["ckpt=x.pth", "images=imgs", "model=tiny"])
-        assert cfg.mode == "prompts" and cfg.model.name == "tiny"
-        cfg = compose("evaluate", overrides=["ckpt=x.pth", "data=synthetic", "model=tiny"])
-        assert list(cfg.protocol.clicks) == [1, 2, 3, 5, 9] and cfg.protocol.max_noc_clicks == 20
-        assert cfg.data.image_size == 256
+    cfg = compose_config("predict", ["ckpt=x.pth", "images=imgs", "model=tiny"])
+    assert cfg.mode == "prompts" and cfg.model.name == "tiny"
+    cfg = compose_config("evaluate", ["ckpt=x.pth", "data=synthetic", "model=tiny"])
+    assert list(cfg.protocol.clicks) == [1, 2, 3, 5, 9] and cfg.protocol.max_noc_clicks == 20
+    assert cfg.data.image_size == 256

@@ -7,12 +7,12 @@ import torch
 from segment_anything import SamPredictor
 
 from sam_lightning.data.sample import make_sample
-from sam_lightning.task import SamTask
+from tests.conftest import tiny_task
 
 
 def test_low_res_logits_equal_sam_predictor() -> None:
     torch.manual_seed(0)
-    task = SamTask(model={"name": "tiny"}).eval()
+    task = tiny_task().eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(180, 300, 3), dtype=np.uint8)  # not square: padding matters
     masks = np.zeros((2, 180, 300), dtype=bool)
@@ -40,7 +40,7 @@ def test_low_res_logits_equal_sam_predictor() -> None:
 
 
 def test_preprocess_equals_sam_preprocess() -> None:
-    task = SamTask(model={"name": "tiny"})
+    task = tiny_task()
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(120, 256, 3), dtype=np.uint8)
     sample = make_sample(image, np.zeros((0, 120, 256), dtype=bool), 256, "x")

@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from sam_lightning.data.augment import AlbumentationsAugment, prepare_sample
 from sam_lightning.data.transforms import boxes_from_masks
 from sam_lightning.errors import UserError
-from sam_lightning.prompts import (
+from sam_lightning.prompts.sampling import (
     build_training_prompts,
     large_mask_filter,
     sample_point_prompts,
 )
+from tests.conftest import prompt_config
 
 
 def _masks() -> torch.Tensor:
@@ -73,11 +74,9 @@ def test_large_masks_are_dropped() -> None:
 )
 def test_modes(mode: str, has_boxes: bool, num_points: int, multimask: bool) -> None:
     masks = _masks()
-    cfg = {
-        "mode": mode,
-        "num_points": 1 if mode == "point" else 2,
-        "num_negative": 1 if mode == "both" else 0,
-    }
+    cfg = prompt_config(
+        mode, num_points=1 if mode == "point" else 2, num_negative=1 if mode == "both" else 0
+    )
     out = build_training_prompts(
         masks, boxes_from_masks(masks), (40, 50), cfg, torch.Generator().manual_seed(0)
     )
@@ -97,7 +96,7 @@ def test_at_most_k_instances_a_new_subset_each_call() -> None:
     gen = torch.Generator().manual_seed(0)
     picks = []
     for _ in range(5):
-        out = build_training_prompts(masks, boxes, (20, 20), {"max_instances": 8}, gen)
+        out = build_training_prompts(masks, boxes, (20, 20), prompt_config(max_instances=8), gen)
         assert out["masks"].shape[0] == 8
         picks.append(tuple(out["masks"].flatten(1).float().argmax(1).tolist()))
     assert len(set(picks)) > 1
@@ -106,7 +105,17 @@ def test_at_most_k_instances_a_new_subset_each_call() -> None:
 def test_unknown_mode_is_a_user_error() -> None:
     masks = _masks()
     with pytest.raises(UserError, match="prompt.mode='scribble'"):
-        build_training_prompts(masks, boxes_from_masks(masks), (40, 50), {"mode": "scribble"})
+        build_training_prompts(
+            masks, boxes_from_masks(masks), (40, 50), prompt_config(mode="scribble")
+        )
+
+
+def test_a_missing_setting_is_named() -> None:
+    masks = _masks()
+    cfg = prompt_config("point")
+    del cfg["num_negative"]
+    with pytest.raises(UserError, match="prompt.num_negative is not set"):
+        build_training_prompts(masks, boxes_from_masks(masks), (40, 50), cfg)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,7 +146,7 @@ def test_property_after_augmentation_boxes_bound_masks_and_points_lie_inside(
         got,
         boxes,
         hw,
-        {"mode": "both", "num_points": 4, "num_negative": 2, "box_noise_std": 0},
+        prompt_config("both", num_points=4, num_negative=2, box_noise_std=0),
         torch.Generator().manual_seed(seed),
     )
     for k in range(out["masks"].shape[0]):

@@ -10,9 +10,9 @@ from torch import nn
 
 from sam_lightning.errors import UserError
 from sam_lightning.model.adapters import AdaptedBlock, BottleneckAdapter
-from sam_lightning.model.build import MODEL_SPECS, build_sam, build_sam_architecture
-from sam_lightning.model.export import export_payload, load_delta_export, save_export
+from sam_lightning.model.export import export_payload, save_export
 from sam_lightning.model.params import format_parameter_report, parameter_report
+from sam_lightning.model.specs import MODEL_SPECS, build_sam_architecture
 from sam_lightning.model.strategies import (
     AdapterStrategy,
     DecoderOnlyStrategy,
@@ -22,6 +22,7 @@ from sam_lightning.model.strategies import (
     instantiate_strategy,
     lora_layers,
 )
+from sam_lightning.model.weights import build_sam, load_delta_export
 
 SPEC = MODEL_SPECS["tiny"]
 D = SPEC.encoder_embed_dim  # 128

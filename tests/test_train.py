@@ -13,10 +13,10 @@ import torch
 from hydra.utils import instantiate
 
 from sam_lightning.errors import TrainingStopped
-from sam_lightning.model.build import build_sam
-from sam_lightning.task import SamTask
-from sam_lightning.training import build_task, train
-from tests.conftest import quickstart
+from sam_lightning.lightning.task import SamTask
+from sam_lightning.model.weights import build_sam
+from sam_lightning.pipelines.fit import build_task, train
+from tests.conftest import quickstart, tiny_task
 
 # Training from scratch first sits ~100 steps at "predict nothing" (the focal term); 160 steps of
 # 4 images get clearly past it.
@@ -178,7 +178,7 @@ def test_validation_keeps_four_overlay_examples_across_small_batches(synthetic_r
     from sam_lightning.data.directory import DirectoryDataset
     from sam_lightning.data.sample import collate_samples
 
-    task = SamTask(model={"name": "tiny"}, evaluation={"box": True, "clicks": []})
+    task = tiny_task()  # validates the box protocol, as the quickstart does
     task.log = task.log_dict = lambda *args, **kwargs: None
     ds = DirectoryDataset(synthetic_root, "val", 256)
     task.on_validation_epoch_start()

@@ -28,27 +28,16 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
 from sam_lightning.data.sample import Augment, make_sample
 from sam_lightning.data.transforms import preprocess_shape, resize_image
 from sam_lightning.errors import UserError
 
 
-def default_train_transforms() -> list[A.BasicTransform]:
-    """Flips, scale/shift/rotate and colour jitter: the defaults of `conf/data/*` in code."""
-    return [
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-20, 20), p=0.5),
-        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
-    ]
-
-
 def _instantiate(transform: Any) -> A.BasicTransform:
     """Accept an albumentations transform, or a `{_target_: ...}` mapping Hydra did not build."""
     if isinstance(transform, Mapping) and "_target_" in transform:
-        from hydra.utils import instantiate
-
         transform = instantiate(transform)
     if not isinstance(transform, A.BasicTransform | A.BaseCompose):
         raise UserError(

@@ -239,29 +239,39 @@ def cached_embeddings(batch: Mapping[str, Any], like: torch.Tensor) -> torch.Ten
 
 
 def attach_embedding_cache(
-    task: Any, datamodule: Any, trainer: Any | None = None
+    sam: nn.Module,
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    datamodule: Any,
+    trainer: Any | None = None,
 ) -> EmbeddingCache | None:
     """Fill the cache for every split of `datamodule` and make its datasets serve embeddings.
 
     A no-op unless `datamodule.cache_embeddings`. Called by `SamTask.setup`, after the
     datamodule's setup and before any loader exists (`configure_optimizers` already builds the
-    train loader); the model moves to the run's device for the fill. In a multi-device run each
+    train loader); `sam` moves to the run's device for the fill. In a multi-device run each
     rank fills a share and all wait for each other.
+
+    Args:
+        sam: the model whose (frozen) image encoder the embeddings come from.
+        encode: uint8 images [B, 3, S, S] and input sizes [B, 2] -> embeddings, with the
+            run's preprocessing (`SamTask.encode`).
+        datamodule: a `SamDataModule` after `setup`.
+        trainer: the run's trainer (device, precision, ranks), or None outside a run.
     """
     if not getattr(datamodule, "cache_embeddings", False):
         return None
     datasets: dict[str, Dataset] = datamodule.datasets
-    check_cacheable(task.sam, getattr(datamodule, "augment_cfg", {}), datasets)
+    check_cacheable(sam, getattr(datamodule, "augment_cfg", {}), datasets)
     precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
     root = getattr(datamodule, "cache_dir", None) or "embedding_cache"
-    cache = EmbeddingCache.for_model(root, task.sam, precision)
+    cache = EmbeddingCache.for_model(root, sam, precision)
     if trainer is not None:
-        task.sam.to(trainer.strategy.root_device)  # Lightning would move it there next anyway
-    device = next(task.sam.image_encoder.parameters()).device
+        sam.to(trainer.strategy.root_device)  # Lightning would move it there next anyway
+    device = next(sam.image_encoder.parameters()).device
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     context = _precision_context(trainer)
-    was_training = task.sam.image_encoder.training
-    task.sam.image_encoder.eval()
+    was_training = sam.image_encoder.training
+    sam.image_encoder.eval()
     try:
         for split, dataset in datasets.items():
             if isinstance(dataset, CachedEmbeddingDataset):
@@ -270,7 +280,7 @@ def attach_embedding_cache(
                 counts = fill_cache(
                     dataset,
                     cache,
-                    task.encode,
+                    encode,
                     batch_size=getattr(datamodule, "batch_size", 4),
                     device=device,
                     indices=range(rank, len(dataset), world),  # type: ignore[arg-type]
@@ -278,7 +288,7 @@ def attach_embedding_cache(
             log.info("embedding cache %s, split %s: %s", cache.dir, split, counts)
             datasets[split] = CachedEmbeddingDataset(dataset, cache)
     finally:
-        task.sam.image_encoder.train(was_training)
+        sam.image_encoder.train(was_training)
     if trainer is not None and world > 1:
         trainer.strategy.barrier("embedding_cache")
     return cache

@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
@@ -29,6 +31,7 @@ from sam_lightning.data.io import (
     read_image,
 )
 from sam_lightning.data.sample import Augment
+from sam_lightning.data.synthetic import make_synthetic_image
 from sam_lightning.errors import UserError
 
 
@@ -248,10 +251,6 @@ def write_coco_example(
     also gets one crowd region and one image without annotations, the cases a real export
     contains. Used by the tests and as a `data=coco` example.
     """
-    from PIL import Image
-
-    from sam_lightning.data.synthetic import make_synthetic_image
-
     root = Path(root)
     splits = dict(splits or {"train": 6, "val": 2})
     categories = [{"id": 1, "name": "shape"}, {"id": 2, "name": "blob"}]
@@ -290,8 +289,6 @@ def write_coco_example(
 def _encode(mask: np.ndarray, encoding: str) -> Any:
     """A bool mask as COCO polygons, compressed RLE or uncompressed RLE (column-major runs)."""
     if encoding == "polygon":
-        import cv2
-
         contours, _ = cv2.findContours(
             mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
         )

@@ -25,9 +25,11 @@ from torch.utils.data import Dataset
 from sam_lightning.data.augment import prepare_sample
 from sam_lightning.data.io import (
     IMAGE_SUFFIXES,
+    MASK_FORMATS,
     NO_INSTANCES,
     SIZE_MISMATCH,
     InvalidSample,
+    labels_to_masks,
     mask_labels,
     read_image,
     read_mask_array,
@@ -159,8 +161,6 @@ class DirectoryDataset(Dataset):
         test_fraction: float = 0.0,
         split_seed: int = 0,
     ) -> None:
-        from sam_lightning.data.io import MASK_FORMATS
-
         if mask_format not in MASK_FORMATS:
             raise UserError(f"data.mask_format={mask_format!r}; expected one of {MASK_FORMATS}")
         self.root = Path(root)
@@ -221,8 +221,6 @@ class DirectoryDataset(Dataset):
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The full-resolution image (HWC uint8 RGB) and its instance masks [N, H, W] bool."""
-        from sam_lightning.data.io import labels_to_masks
-
         image = read_image(self.images[index])
         labels, classes = self.read_labels(index, image.shape)
         return image, labels_to_masks(labels, len(classes))

@@ -23,6 +23,9 @@ float rounding (tests/test_decoder.py).
 
 from __future__ import annotations
 
+import functools
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
@@ -59,6 +62,38 @@ def resolve_chunk_size(setting: int | str | None, embedding: torch.Tensor) -> in
         f"model.decoder_chunk_size={setting!r}: expected auto, null (all prompts in one call) "
         "or a positive number of prompts per decoder call"
     )
+
+
+class Decode(Protocol):
+    """Prompt encoder + mask decoder for the K prompts of one image (`decode_prompts` bound to a
+    `Sam`, or `SamTask.decode`): what the prompt simulation and the evaluation protocol call."""
+
+    def __call__(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def sam_decoder(sam: Sam, chunk: int | None = None) -> Decode:
+    """A `Decode` for a bare `Sam` (an official, exported or fine-tuned model outside Lightning)."""
+    return functools.partial(decode_prompts, sam, chunk=chunk)
+
+
+def to_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits [K, M, h, w] to bool masks [K, M, H, W] in the input frame.
+
+    Upscale to the padded square S x S and crop the padding, as `Sam.postprocess_masks` does
+    before its final resize to the original image size.
+    """
+    logits = F.interpolate(
+        low_res.float(), (image_size, image_size), mode="bilinear", align_corners=False
+    )
+    return logits[..., : input_size[0], : input_size[1]] > 0
 
 
 def decode_prompts(

@@ -17,9 +17,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from sam_lightning.errors import UserError
+from sam_lightning.model.adapters import adapter_parameters, inject_adapters, resolve_blocks
 
 COMPONENTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
@@ -213,8 +222,6 @@ class AdapterStrategy(Strategy):
         self.train_mask_decoder = train_mask_decoder
 
     def apply(self, sam: nn.Module) -> nn.Module:
-        from sam_lightning.model.adapters import adapter_parameters, inject_adapters
-
         inject_adapters(
             sam.image_encoder,
             bottleneck=self.bottleneck,
@@ -311,8 +318,6 @@ class LoRAStrategy(Strategy):
 
     def target_regex(self, depth: int) -> str:
         """The full-match regex over module names of a `Sam` with `depth` encoder blocks."""
-        from sam_lightning.model.adapters import resolve_blocks
-
         parts = []
         if self._layers:
             indexes = "|".join(str(i) for i in resolve_blocks(self.blocks, depth))
@@ -323,8 +328,6 @@ class LoRAStrategy(Strategy):
         return "|".join(f"(?:{p})" for p in parts)
 
     def apply(self, sam: nn.Module) -> nn.Module:
-        from peft import LoraConfig, inject_adapter_in_model
-
         if lora_layers(sam):
             raise UserError("the model already has LoRA layers: apply the lora strategy once")
         config = LoraConfig(
@@ -369,8 +372,6 @@ class LoRAStrategy(Strategy):
 
     def delta_state_dict(self, sam: nn.Module) -> dict[str, torch.Tensor]:
         """LoRA weights (peft's `get_peft_model_state_dict`) plus any other trainable weight."""
-        from peft import get_peft_model_state_dict
-
         delta = {k: v.detach().clone() for k, v in get_peft_model_state_dict(sam).items()}
         for name, p in sam.named_parameters():
             if p.requires_grad and ".lora_" not in name:
@@ -378,8 +379,6 @@ class LoRAStrategy(Strategy):
         return delta
 
     def load_delta(self, sam: nn.Module, delta: dict[str, torch.Tensor], source: str = "") -> None:
-        from peft import set_peft_model_state_dict
-
         lora = {k: v for k, v in delta.items() if ".lora_" in k}
         rest = {k: v for k, v in delta.items() if ".lora_" not in k}
         result = set_peft_model_state_dict(sam, lora)
@@ -405,15 +404,11 @@ class LoRAStrategy(Strategy):
 
 def lora_layers(sam: nn.Module) -> dict[str, nn.Module]:
     """The peft LoRA layers inside `sam`, by module name."""
-    from peft.tuners.lora import LoraLayer
-
     return {name: m for name, m in sam.named_modules() if isinstance(m, LoraLayer)}
 
 
 def instantiate_strategy(config: dict[str, Any] | None) -> Strategy:
     """Build a strategy from its plain config (`_target_` + arguments), as Hydra would."""
-    from hydra.utils import instantiate
-
     if not config:
         return FullStrategy()
     try:

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from sam_lightning.clicks import error_region_click, uniform_point_click
-from sam_lightning.evaluation import Decode, to_masks
 from sam_lightning.metrics import mask_iou
+from sam_lightning.model.decoder import Decode, to_masks
+from sam_lightning.prompts.clicks import error_region_click, uniform_point_click
+from sam_lightning.prompts.sampling import prompt_setting
 
 # (low-res logits [K, M, h, w], predicted IoU [K, M], ground truth [K, S, S]) -> scalar loss,
 # or (scalar loss, parts); several outputs must be reduced to the lowest-loss one inside.
@@ -34,14 +35,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
 class InteractiveConfig:
     """How the simulated session runs (`conf/prompt/interactive.yaml`)."""
 
-    click_rounds: int = 8
-    mask_rounds: int = 2
-    point_prob: float = 0.5
+    click_rounds: int
+    mask_rounds: int
+    point_prob: float
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> InteractiveConfig:
         """Pick this class's keys out of a prompt config that also holds other settings."""
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        return cls(**{k: prompt_setting(cfg, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -102,7 +103,7 @@ def interactive_session(
     gt: torch.Tensor,
     boxes: torch.Tensor,
     input_size: tuple[int, int],
-    config: InteractiveConfig | None = None,
+    config: InteractiveConfig,
     generator: torch.Generator | None = None,
 ) -> InteractiveResult:
     """Run the simulated session on one image's instances and sum the loss over its rounds.
@@ -117,7 +118,6 @@ def interactive_session(
         config: rounds and the point/box split.
         generator: random source (point/box choice, clicks, schedule).
     """
-    config = config or InteractiveConfig()
     gt = gt.bool()
     k, size = gt.shape[0], gt.shape[-1]
     device = gt.device

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+
+from sam_lightning.data.transforms import boxes_from_masks
+from sam_lightning.errors import UserError
 
 
 def sample_box_prompts(
@@ -110,8 +116,6 @@ def sample_point_prompts(
     if k == 0 or total == 0:
         return points.to(masks.device), labels.to(masks.device)
     if boxes is None:
-        from sam_lightning.data.transforms import boxes_from_masks
-
         boxes = boxes_from_masks(masks)
     for j, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
         crop = masks[j, y0:y1, x0:x1]
@@ -131,11 +135,24 @@ def sample_point_prompts(
     return points.to(masks.device), labels.to(masks.device)
 
 
+def prompt_setting(cfg: Mapping[str, Any], key: str) -> Any:
+    """`cfg[key]` of a `conf/prompt/*` config, or a message naming the missing key.
+
+    The YAML is the one home of every prompt default; a config written by hand must say it all.
+    """
+    if key not in cfg:
+        raise UserError(
+            f"prompt.{key} is not set: compose a prompt=box|point|both|interactive config "
+            f"(sam_lightning/conf/prompt/) or add {key} to yours"
+        )
+    return cfg[key]
+
+
 def build_training_prompts(
     masks: torch.Tensor,
     boxes: torch.Tensor,
     input_size: tuple[int, int],
-    cfg: dict,
+    cfg: Mapping[str, Any],
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor | bool | None]:
     """The prompts of one training image, from `conf/prompt/*` (`mode` box, point, both or
@@ -151,14 +168,13 @@ def build_training_prompts(
         and `labels` (or None), and `multimask`: True for a single point, the ambiguous prompt
         SAM answers with its three-output head.
     """
-    mode = cfg.get("mode", "box")
+    mode = prompt_setting(cfg, "mode")
     if mode not in PROMPT_MODES:
-        from sam_lightning.errors import UserError
-
         raise UserError(f"prompt.mode={mode!r}; expected one of {PROMPT_MODES}")
-    keep = large_mask_filter(masks, input_size, float(cfg.get("max_mask_fraction", 0.9)), boxes)
+    limit = float(prompt_setting(cfg, "max_mask_fraction"))
+    keep = large_mask_filter(masks, input_size, limit, boxes)
     masks, boxes = masks[keep], boxes[keep]
-    idx = select_instances(masks.shape[0], int(cfg.get("max_instances", 32)), generator)
+    idx = select_instances(masks.shape[0], int(prompt_setting(cfg, "max_instances")), generator)
     idx = idx.to(masks.device)
     masks, boxes = masks[idx], boxes[idx]
     out: dict[str, torch.Tensor | bool | None] = {
@@ -172,13 +188,13 @@ def build_training_prompts(
         out["boxes"] = sample_box_prompts(
             boxes,
             input_size,
-            float(cfg.get("box_noise_std", 0.1)),
-            float(cfg.get("box_max_noise", 20.0)),
+            float(prompt_setting(cfg, "box_noise_std")),
+            float(prompt_setting(cfg, "box_max_noise")),
             generator,
         )
     if mode in ("point", "both"):
-        num_pos = int(cfg.get("num_points", 1))
-        num_neg = int(cfg.get("num_negative", 0))
+        num_pos = int(prompt_setting(cfg, "num_points"))
+        num_neg = int(prompt_setting(cfg, "num_negative"))
         out["points"], out["labels"] = sample_point_prompts(
             masks, boxes, num_pos, num_neg, generator
         )

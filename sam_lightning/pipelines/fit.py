@@ -13,36 +13,29 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sam_lightning.callbacks import RunSummary
+from sam_lightning.config import plain
+from sam_lightning.lightning.callbacks import RunSummary
+from sam_lightning.lightning.task import SamTask
+from sam_lightning.metrics import mask_iou
 from sam_lightning.model.params import format_parameter_report, parameter_report
-from sam_lightning.task import SamTask
 
 #: under DDP every process runs `train`; the parameter table and the summary print once
 rank_zero_print = rank_zero_only(print)
-
-
-def plain(cfg: DictConfig | dict | None) -> Any:
-    """A resolved plain-Python copy of a config node (checkpoints must hold plain types)."""
-    if cfg is None:
-        return None
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def build_task(cfg: DictConfig) -> SamTask:
     """The `SamTask` a config describes."""
     return SamTask(
         model=plain(cfg.model),
-        strategy=plain(cfg.strategy),
         loss=plain(cfg.loss),
+        evaluation=plain(cfg.evaluation),
+        strategy=plain(cfg.strategy),
         prompt=plain(cfg.prompt),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
-        evaluation=plain(cfg.get("evaluation")),
-        checkpoint=plain(cfg.get("checkpoint")),
+        checkpoint=plain(cfg.checkpoint),
     )
 
 
@@ -66,8 +59,6 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def box_fill_iou(datamodule: L.LightningDataModule, split: str = "val") -> float:
     """Reference mIoU of predicting each prompt box filled: what a model must beat."""
-    from sam_lightning.metrics import mask_iou
-
     dataset = datamodule.datasets[split]
     total, count = 0.0, 0
     for i in range(len(dataset)):

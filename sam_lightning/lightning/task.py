@@ -16,20 +16,18 @@ import torch.nn.functional as F
 
 from sam_lightning.data.cache import attach_embedding_cache, cached_embeddings
 from sam_lightning.errors import TrainingStopped, UserError
-from sam_lightning.evaluation import ProtocolConfig, evaluate_batch, protocol_metrics
-from sam_lightning.interactive import InteractiveConfig, interactive_session
+from sam_lightning.evaluation.aggregate import protocol_metrics
+from sam_lightning.evaluation.protocol import InstanceScores, ProtocolConfig, evaluate_image
+from sam_lightning.lightning.checkpoints import keep_trainable_only, restore_frozen
 from sam_lightning.losses import SamLoss
 from sam_lightning.metrics import mask_metrics
 from sam_lightning.model.attention import configure_image_encoder, encoder_options
-from sam_lightning.model.build import build_sam
 from sam_lightning.model.decoder import decode_prompts, resolve_chunk_size
-from sam_lightning.model.export import check_same_model, keep_trainable_only, restore_frozen
 from sam_lightning.model.strategies import instantiate_strategy
-from sam_lightning.prompts import build_training_prompts
+from sam_lightning.model.weights import build_sam, check_model_size, describe_checkpoint
+from sam_lightning.prompts.interactive import InteractiveConfig, interactive_session
+from sam_lightning.prompts.sampling import build_training_prompts
 
-DEFAULT_PROMPT = {"mode": "box", "max_instances": 32, "box_noise_std": 0.1, "box_max_noise": 20.0}
-DEFAULT_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999)}
-DEFAULT_SCHEDULER = {"warmup_steps": 50, "min_lr_ratio": 0.01}
 #: validation images kept per epoch for the mask-overlay callbacks (from the first batches)
 VAL_EXAMPLES = 4
 #: where SAM's loss compares masks: the decoder's low-res grid or the padded input frame (S x S)
@@ -39,15 +37,18 @@ LOSS_RESOLUTIONS = ("low_res", "input")
 class SamTask(L.LightningModule):
     """Fine-tune SAM.
 
+    Each argument is a node of the composed config (`conf/train.yaml`, made plain), the one home
+    of every default; `sam_lightning.pipelines.fit.build_task` passes them.
+
     Args:
-        model: `build_sam` arguments (`name`, `checkpoint`, ...).
+        model: `conf/model/*` (`name`, `checkpoint`, attention and memory options).
         strategy: the strategy's config (`_target_` + arguments); `None` trains everything.
-        loss: `SamLoss` arguments.
-        prompt: prompt simulation (`mode`, `max_instances`, box noise).
-        optimizer: AdamW settings (`lr`, `weight_decay`, `betas`).
-        scheduler: linear warmup (`warmup_steps`) then cosine decay to `min_lr_ratio * lr`.
-        evaluation: the protocols validation and test run (`ProtocolConfig`: box and one
-            click by default), logged as `val/<protocol>/iou` and `val/<protocol>/dice`.
+        loss: `conf/loss/*`: `resolution` and the `SamLoss` weights.
+        prompt: `conf/prompt/*`, the prompt simulation; `None` for a task that only
+            validates or tests (evaluation).
+        optimizer: AdamW settings (`lr`, `weight_decay`, `betas`); `None` as for `prompt`.
+        scheduler: linear warmup (`warmup_steps`) then cosine decay to `min_lr_ratio * lr`;
+            `None` as for `prompt`.
         checkpoint: `trainable_only: true` saves only what trains (plus optimizer state); the
             frozen weights are read back from `model.checkpoint` when the run is loaded.
     """
@@ -55,36 +56,39 @@ class SamTask(L.LightningModule):
     def __init__(
         self,
         model: dict[str, Any],
+        loss: dict[str, Any],
+        evaluation: dict[str, Any],
         strategy: dict[str, Any] | None = None,
-        loss: dict[str, Any] | None = None,
         prompt: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        evaluation: dict[str, Any] | None = None,
         checkpoint: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.sam = build_sam(**model)
+        self.sam = build_sam(model["name"], model.get("checkpoint"))
         self.strategy = instantiate_strategy(strategy)
         self.strategy.apply(self.sam)
         # model.attention, grad_checkpointing, compile, decoder_chunk_size (issue 6)
         configure_image_encoder(self.sam.image_encoder, **encoder_options(model))
         self.decoder_chunk_size = model.get("decoder_chunk_size", "auto")
-        loss = dict(loss or {})
-        self.loss_resolution = loss.pop("resolution", "low_res")
+        loss = dict(loss)
+        self.loss_resolution = loss.pop("resolution")
         if self.loss_resolution not in LOSS_RESOLUTIONS:
             raise UserError(
                 f"loss.resolution={self.loss_resolution!r}: expected one of "
                 f"{', '.join(LOSS_RESOLUTIONS)}"
             )
         self.loss_fn = SamLoss(**loss)
-        self.prompt_cfg = {**DEFAULT_PROMPT, **(prompt or {})}
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
+        self.prompt_cfg = prompt
+        self.optimizer_cfg = optimizer
+        self.scheduler_cfg = scheduler
         self.eval_protocol = ProtocolConfig.from_dict(evaluation)
         self.protocol_metrics = torch.nn.ModuleDict(
-            {s: protocol_metrics(self.eval_protocol, f"{s}/") for s in ("val", "test")}
+            {
+                "val": protocol_metrics(self.eval_protocol, "val/"),
+                "test": protocol_metrics(self.eval_protocol, "test/", curve=True),
+            }
         )
         self.checkpoint_cfg = {"trainable_only": False, **(checkpoint or {})}
         if self.checkpoint_cfg["trainable_only"] and not model.get("checkpoint"):
@@ -211,31 +215,24 @@ class SamTask(L.LightningModule):
         )
         return result.loss, result.pred
 
-    def _evaluate_protocols(
-        self, batch: dict[str, Any], embeddings: torch.Tensor, stage: str
-    ) -> None:
-        """The paper's protocols with the code `python -m sam_lightning.evaluate` runs."""
-        collection = self.protocol_metrics[stage]
-        collection.update(
-            evaluate_batch(self.decode, embeddings, batch, self.image_size, self.eval_protocol)
-        )
-        self.log_dict(collection, on_step=False, on_epoch=True, batch_size=len(batch["masks"]))
-
     # ---- one step for every stage ------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """The step of every stage: prompts and loss per image; validation and test also run
+        the paper's protocols (`sam_lightning.evaluation`) on the same box predictions."""
         training = stage == "train"
+        if training and self.prompt_cfg is None:
+            raise UserError("this SamTask was built without prompt settings: it cannot train")
         embeddings = cached_embeddings(batch, self.sam.pixel_mean)  # data.cache_embeddings
         if embeddings is None:
             embeddings = self.encode(batch["images"], batch["input_size"])
-        if not training:
-            self._evaluate_protocols(batch, embeddings, stage)
-        losses = []
+        losses, scores = [], []
         metrics = self.metrics[f"{stage}_metrics"]
         keep_examples = stage == "val" and len(self.val_examples) < VAL_EXAMPLES
         for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"], strict=True)):
             if masks.shape[0] == 0:
                 continue
             h, w = (int(v) for v in batch["input_size"][i])
+            embedding = embeddings[i : i + 1]
             prompts = {"boxes": boxes, "points": None, "labels": None, "multimask": False}
             if training:  # prompt=box|point|both|interactive (sam_lightning.prompts)
                 prompts = build_training_prompts(masks, boxes, (h, w), self.prompt_cfg)
@@ -243,13 +240,25 @@ class SamTask(L.LightningModule):
                 if masks.shape[0] == 0:  # every mask covered > 90% of the image
                     continue
             if training and self.prompt_cfg["mode"] == "interactive":
-                loss, pred = self._interactive_session(embeddings[i : i + 1], masks, boxes, (h, w))
+                loss, pred = self._interactive_session(embedding, masks, boxes, (h, w))
                 pred, truth = pred[:, :h, :w], masks[:, :h, :w]
             else:
-                low_res, iou_pred = self.decode(embeddings[i : i + 1], **prompts)
+                low_res, iou_pred = self.decode(embedding, **prompts)
                 loss, parts = self.mask_loss(low_res, iou_pred, masks)
                 with torch.no_grad():
                     pred, truth = self._metric_masks(parts, masks, (h, w), stage)
+                if not training:  # the box protocol reuses this very prediction
+                    scores.append(
+                        evaluate_image(
+                            self.decode,
+                            embedding,
+                            masks[:, :h, :w],
+                            boxes,
+                            self.image_size,
+                            self.eval_protocol,
+                            box_low_res=low_res,
+                        )
+                    )
             losses.append(loss)
             metrics.update(pred, truth)
             if keep_examples:
@@ -263,10 +272,14 @@ class SamTask(L.LightningModule):
                     }
                 )
                 keep_examples = len(self.val_examples) < VAL_EXAMPLES
+        batch_size = len(batch["masks"])
+        if not training:
+            collection = self.protocol_metrics[stage]
+            collection.update(InstanceScores.cat(scores))
+            self.log_dict(collection, on_step=False, on_epoch=True, batch_size=batch_size)
         if not losses:  # no instance in the whole batch: a zero loss that keeps the graph
             return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         loss = torch.stack(losses).mean()
-        batch_size = len(batch["masks"])
         self.log(
             f"{stage}/loss",
             loss,
@@ -302,7 +315,9 @@ class SamTask(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # data.cache_embeddings=true: fill the cache before any loader exists (issue 6)
-        attach_embedding_cache(self, self.trainer.datamodule, self.trainer)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            attach_embedding_cache(self.sam, self.encode, datamodule, self.trainer)
 
     # ---- checkpoints (issue 4) ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -310,11 +325,16 @@ class SamTask(L.LightningModule):
             keep_trainable_only(checkpoint, self.sam)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_same_model(checkpoint, self.hparams["model"]["name"])
+        _, info = describe_checkpoint(checkpoint)
+        check_model_size(info.model, self.hparams["model"]["name"], "checkpoint")
         restore_frozen(checkpoint, self.state_dict())
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_cfg is None or self.scheduler_cfg is None:
+            raise UserError(
+                "this SamTask was built without optimizer and scheduler settings: it cannot train"
+            )
         cfg = self.optimizer_cfg
         groups = self.strategy.param_groups(self.sam, cfg["lr"])
         optimizer = torch.optim.AdamW(

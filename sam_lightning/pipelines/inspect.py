@@ -1,4 +1,5 @@
-"""What `python -m sam_lightning.inspect` shows: a grid of training samples and dataset statistics.
+"""The inspect pipeline behind `python -m sam_lightning.inspect`: a grid of training samples and
+dataset statistics.
 
 The check a researcher runs before spending GPU hours: do the masks sit on the objects after
 augmentation, do the boxes and points land where they should, how many instances per image,
@@ -7,14 +8,19 @@ how large are they (and how many will the 90% rule or `min_mask_area` drop)?
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
-from sam_lightning.prompts import build_training_prompts
-from sam_lightning.viz import draw_overlay, image_grid
+from sam_lightning.config import plain
+from sam_lightning.errors import UserError
+from sam_lightning.prompts.sampling import build_training_prompts, prompt_setting
+from sam_lightning.viz import draw_overlay, image_grid, save_png
 
 
 def _base(dataset: Dataset) -> tuple[Any, list[int]]:
@@ -133,3 +139,25 @@ def inspection_grid(
             )
         )
     return image_grid(pictures, columns=columns)
+
+
+def run_inspect(cfg: DictConfig) -> Path:
+    """Everything `python -m sam_lightning.inspect` does: print the statistics of every split,
+    write the grid of `cfg.inspect.split` and return its path."""
+    opts = cfg.inspect
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    if opts.split not in datamodule.datasets:
+        raise UserError(
+            f"inspect.split={opts.split!r}; this dataset has {sorted(datamodule.datasets)}"
+        )
+    prompt = plain(cfg.prompt)
+    for split, dataset in datamodule.datasets.items():
+        limit = float(prompt_setting(prompt, "max_mask_fraction"))
+        print(format_statistics(dataset_statistics(dataset, opts.max_stats_images, limit), split))
+    if datamodule.report is not None and not datamodule.report.ok:
+        print(f"skipped (data.on_invalid=skip): {datamodule.report.skipped()}")
+    grid = inspection_grid(
+        datamodule.datasets[opts.split], prompt, opts.num_samples, opts.columns, opts.seed
+    )
+    return save_png(grid, opts.output)
