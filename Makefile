@@ -26,9 +26,10 @@ test: $(STAMP)  ## the fast test suite (CPU, minutes)
 test-full: $(STAMP)  ## every test, slow ones included (GPU tests skip without CUDA)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)  ## ruff lint and format check
+lint: $(STAMP)  ## ruff lint and format check, and the import layers contract (lint-imports)
 	$(PY) -m ruff check sam_lightning tests experiments
 	$(PY) -m ruff format --check sam_lightning tests experiments
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)  ## apply ruff formatting and safe fixes
 	$(PY) -m ruff check --fix sam_lightning tests experiments

@@ -12,7 +12,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from sam_lightning.data.coco import write_coco_example
+from sam_lightning.data.coco import CocoInstances, write_coco_example
 from sam_lightning.pipelines.fit import train
 from tests.conftest import compose_train
 from tests.test_data_directory import write_directory
@@ -61,7 +61,11 @@ def _fit(tmp_path: Path, *overrides: str) -> dict:
 def test_train_coco(tmp_path: Path) -> None:
     root = write_coco_example(tmp_path / "coco", {"train": 4, "val": 2})
     summary = _fit(tmp_path, "data=coco", f"data.root={root}", "prompt=both")
-    assert summary["best"] is not None
+    # validation scored every non-crowd instance of the two annotated val images
+    val = CocoInstances(root, "val", 256)
+    expected = sum(len(val.annotations[i]) for i in val.image_ids)
+    assert len(val) == 2 and summary["best"]["val/instances"] == expected > 2
+    assert len(summary["history"]) == 1 and summary["best"]["epoch"] == 0
 
 
 @pytest.mark.slow
@@ -83,7 +87,16 @@ def test_train_skips_broken_samples_when_asked(tmp_path: Path) -> None:
     root = write_directory(tmp_path / "d", "instance", splits={"train": 5, "val": 2})
     (root / "masks" / "train" / "train_000.png").unlink()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "train" / "train_001.png")
-    _fit(tmp_path, "data=directory", f"data.root={root}", "data.on_invalid=skip")
+    overrides = ["data=directory", f"data.root={root}", "data.on_invalid=skip"]
+    datamodule = instantiate(compose_train([*SHORT, *overrides], tmp_path / "check").data)
+    datamodule.setup("fit")
+    report = datamodule.report
+    assert report.skipped() == {"train": 2, "val": 0}
+    assert report.counts() == {"mask missing": 1, "mask size differs from image": 1}
+    kept = [Path(datamodule.datasets["train"].item_name(i)).name for i in range(3)]
+    assert len(datamodule.datasets["train"]) == 3 and "train_000.jpg" not in kept
+    summary = _fit(tmp_path, *overrides)
+    assert summary["best"]["val/instances"] > 0  # trained on the rest and validated
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sam_lightning.prompts.interactive import InteractiveConfig, interactive_session, round_schedule
@@ -108,11 +109,13 @@ def test_loss_is_summed_over_rounds_and_back_propagates() -> None:
     result = interactive_session(
         decoder, mean_logit_loss, torch.zeros(1), gt, boxes, (S, S), config
     )
-    per_round = result.round_loss
-    assert per_round.shape == (5,)
-    assert result.loss.item() == torch.stack(list(per_round)).sum().item()
-    result.loss.backward()
-    assert decoder.weight.grad is not None and decoder.weight.grad.item() != 0.0
+    # every round sees the same prediction: +10 on the left half of the square (22 x 40 px),
+    # -10 on the rest of the 64 x 64 frame, so each round's loss is the mean of those logits
+    per_round = (22 * 40 * 10 - (S * S - 22 * 40) * 10) / (S * S)
+    assert result.round_loss.tolist() == pytest.approx([per_round] * 5, abs=1e-6)
+    assert result.loss.item() == pytest.approx(5 * per_round, abs=1e-5)
+    result.loss.backward()  # the logits scale with the weight: d loss / d weight = the loss
+    assert decoder.weight.grad.item() == pytest.approx(5 * per_round, abs=1e-5)
 
 
 def test_clicks_stay_out_of_the_padding() -> None:

@@ -1,0 +1,1 @@
+"""Datasets, the per-image sample contract and the data module."""

@@ -1,0 +1,173 @@
+"""`SamDataModule`: datasets per split, checked before the first step, and their loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from sam_lightning.data.augment import build_augment
+from sam_lightning.data.coco import CocoInstances
+from sam_lightning.data.directory import DirectoryDataset, available_splits
+from sam_lightning.data.sample import collate_samples
+from sam_lightning.data.synthetic import write_synthetic_dataset
+from sam_lightning.data.validation import ValidationReport, validate_splits
+from sam_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+KINDS = ("directory", "coco", "synthetic")
+
+
+class SamDataModule(L.LightningDataModule):
+    """Builds the datasets of one kind, validates every sample once, and serves the loaders.
+
+    Args:
+        kind: `directory`, `coco`, or `synthetic` (a directory dataset written first).
+        root: the dataset folder.
+        image_size: S, the model's input side (`model.image_size`).
+        batch_size, num_workers: the loaders'.
+        min_mask_area: instances smaller than this after resizing (pixels) are dropped.
+        synthetic: arguments of `write_synthetic_dataset` when `kind == "synthetic"`.
+        splits: splits to build; None: train and val, plus test where the data has it.
+        augment: per split, a list of albumentations transforms (instantiated by Hydra);
+            splits without an entry get resize and pad only.
+        on_invalid: `error` stops before training with the report of every broken sample;
+            `skip` trains on the rest and logs the counts.
+        validate: check every sample before the first step (turn off only for known data).
+        directory: `DirectoryDataset` options (mask_format, mask_suffix, classes, ...).
+        coco: `CocoInstances` options (categories, include_crowd, min_area, and per-split
+            `annotation_files` / `image_dirs`).
+        cache_embeddings: compute each image's embedding once and train from the cache
+            (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
+        cache_dir: where the embedding cache lives.
+    """
+
+    def __init__(
+        self,
+        kind: str = "directory",
+        root: str = "data",
+        image_size: int = 1024,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        min_mask_area: int = 16,
+        synthetic: Mapping[str, Any] | None = None,
+        splits: Sequence[str] | None = None,
+        augment: Mapping[str, Sequence[Any] | None] | None = None,
+        on_invalid: str = "error",
+        validate: bool = True,
+        directory: Mapping[str, Any] | None = None,
+        coco: Mapping[str, Any] | None = None,
+        cache_embeddings: bool = False,
+        cache_dir: str = "embedding_cache",
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise UserError(f"data.kind={kind!r}; expected one of {KINDS}")
+        self.kind = kind
+        self.root = Path(root)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.min_mask_area = min_mask_area
+        self.synthetic = dict(synthetic or {})
+        self.splits = tuple(splits) if splits else None
+        self.augment_cfg = dict(augment or {})
+        self.on_invalid = on_invalid
+        self.validate = validate
+        self.directory_cfg = dict(directory or {})
+        self.coco_cfg = dict(coco or {})
+        self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
+        self.cache_dir = cache_dir
+        self.datasets: dict[str, Dataset] = {}
+        self.report: ValidationReport | None = None
+
+    def prepare_data(self) -> None:
+        if self.kind == "synthetic":
+            write_synthetic_dataset(self.root, **self.synthetic)
+
+    def _splits(self) -> tuple[str, ...]:
+        if self.splits is not None:
+            return self.splits
+        if self.kind == "coco":
+            found = [
+                s
+                for s in ("train", "val", "test")
+                if (self.root / "annotations" / f"instances_{s}.json").is_file()
+                or s in (self.coco_cfg.get("annotation_files") or {})
+            ]
+            return tuple(s for s in found if s != "test" or "val" in found) or ("train", "val")
+        return tuple(available_splits(self.root))
+
+    def build_dataset(self, split: str) -> Dataset:
+        """The dataset of one split, with that split's augmentation."""
+        augment = build_augment(self.augment_cfg.get(split))
+        if self.kind == "coco":
+            cfg = dict(self.coco_cfg)
+            annotation_file = (cfg.pop("annotation_files", None) or {}).get(split)
+            image_dir = (cfg.pop("image_dirs", None) or {}).get(split)
+            return CocoInstances(
+                self.root,
+                split,
+                self.image_size,
+                annotation_file=annotation_file,
+                image_dir=image_dir,
+                augment=augment,
+                min_mask_area=self.min_mask_area,
+                **cfg,
+            )
+        return DirectoryDataset(
+            self.root,
+            split,
+            self.image_size,
+            augment=augment,
+            min_mask_area=self.min_mask_area,
+            **self.directory_cfg,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build every split and check every sample, once (Lightning calls this again)."""
+        self.prepare_data()  # idempotent; also covers use outside a Trainer
+        if self.datasets:
+            return
+        splits = self._splits()
+        missing = [s for s in ("train", "val") if s not in splits]
+        if missing and self.splits is None:
+            raise UserError(
+                f"data.root={self.root} has no {' or '.join(missing)} split; see the layouts "
+                "in docs (images/{train,val}/, a flat images/ folder, or instances_<split>.json)"
+            )
+        datasets = {split: self.build_dataset(split) for split in splits}
+        if self.validate:
+            datasets, self.report = validate_splits(
+                datasets, self.on_invalid, num_threads=max(1, self.num_workers)
+            )
+            if not self.report.ok:
+                log.warning(
+                    "data.on_invalid=skip: skipped %s\n%s",
+                    self.report.skipped(),
+                    self.report.format(),
+                )
+        self.datasets = datasets
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)

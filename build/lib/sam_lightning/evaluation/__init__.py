@@ -1,0 +1,1 @@
+"""The SAM paper's evaluation protocol, its aggregation over a split, and its reports."""

@@ -1,0 +1,77 @@
+"""What an evaluation writes: eval.md's tables and eval.png's mIoU-against-clicks curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    """eval.md: one row per protocol, mIoU and Dice per evaluated model, then the NoC figures.
+
+    Args:
+        runs: label -> the `results_table` of that model (the fine-tuned one, a baseline).
+    """
+    labels = list(runs)
+    first = runs[labels[0]]
+    single = len(labels) == 1
+    heads = (
+        ["mIoU", "Dice"] if single else [f"{lab} {m}" for lab in labels for m in ("mIoU", "Dice")]
+    )
+    lines = ["| protocol | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for name in first["protocols"]:
+        cells = []
+        for lab in labels:
+            row = runs[lab]["protocols"].get(name)
+            cells += [f"{row['miou']:.4f}", f"{row['dice']:.4f}"] if row else ["-", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "noc" in first:
+        cap = first["noc"]["max_clicks"]
+        heads = ["clicks"] if single else labels
+        lines += ["", f"| NoC (at most {cap} clicks) | " + " | ".join(heads) + " |"]
+        lines.append("|---|" + "---:|" * len(heads))
+        for key in first["noc"]:
+            if key == "max_clicks":
+                continue
+            cells = [f"{runs[lab].get('noc', {}).get(key, float('nan')):.2f}" for lab in labels]
+            lines.append(f"| {key.replace('noc', 'NoC@')} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{lab}: {runs[lab]['instances']}" for lab in labels)
+    lines += ["", f"Instances evaluated: {counts}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    curves: dict[str, dict[str, Any]], path: str | Path, title: str = "mIoU against clicks"
+) -> Path:
+    """eval.png: mIoU after each click, one line per model; box mIoU as a dashed level."""
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    for i, (label, results) in enumerate(curves.items()):
+        colour = f"C{i}"
+        ys = results["miou_per_click"]
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, color=colour, label=label)
+        if "box" in results["protocols"]:
+            box = results["protocols"]["box"]["miou"]
+            ax.axhline(box, color=colour, linestyle="--", linewidth=1, label=f"{label}: box")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def curve_labels(models: dict[str, Any]) -> dict[str, str]:
+    """Legend labels: the checkpoint file names, or the roles when the names clash."""
+    names = {role: Path(str(ckpt)).stem for role, ckpt in models.items()}
+    if len(set(names.values())) < len(names):
+        return {role: f"{role} ({name})" for role, name in names.items()}
+    return names

@@ -1,0 +1,1 @@
+"""Lightning: `SamTask`, its callbacks, and trainable-only checkpoints."""

@@ -1,0 +1,1 @@
+"""Pipelines: config in, files out. One per command (fit, evaluate, predict, export, inspect)."""

@@ -1,0 +1,1 @@
+"""Prompts: simulated clicks, the training prompt sampler, SAM's interactive session."""
