@@ -88,10 +88,14 @@ def test_no_module_level_import_cycle() -> None:
 
 
 def test_the_wheel_carries_the_configs_and_works_outside_the_source_tree(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: setuptools writes build/ into the tree it builds
+    shutil.copytree(PACKAGE, source / "sam_lightning", ignore=shutil.ignore_patterns("*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
     wheels = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w"]
-        + [str(wheels), str(ROOT)],
+        + [str(wheels), str(source)],
         capture_output=True,
         text=True,
     )

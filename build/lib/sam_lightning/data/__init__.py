@@ -1,1 +1,0 @@
-"""Datasets, the per-image sample contract and the data module."""

@@ -1,1 +1,0 @@
-"""Lightning: `SamTask`, its callbacks, and trainable-only checkpoints."""

@@ -1,1 +1,0 @@
-"""Pipelines: config in, files out. One per command (fit, evaluate, predict, export, inspect)."""

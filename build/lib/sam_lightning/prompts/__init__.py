@@ -1,1 +1,0 @@
-"""Prompts: simulated clicks, the training prompt sampler, SAM's interactive session."""
