@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
 from sam_lightning.config import CONF_DIR, compose_config, plain
+from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.pipelines.fit import build_task
@@ -24,6 +26,7 @@ __all__ = [
     "compose_evaluate",
     "compose_train",
     "default_train_transforms",
+    "fit_steps",
     "prompt_config",
     "quickstart",
     "tiny_config",
@@ -86,3 +89,23 @@ def prompt_config(option: str = "box", **settings: Any) -> dict[str, Any]:
 def default_train_transforms() -> list[dict[str, Any]]:
     """`conf/data/augment/default.yaml`'s train transforms, as the `_target_` dicts users run."""
     return plain(compose_config("train", ["data=directory"]).data.augment.train)
+
+
+def fit_steps(
+    task: SamTask, root: Path, out_dir: Path, steps: int, ckpt_path: str | None = None
+) -> L.Trainer:
+    """`steps` optimizer steps of `task` on the directory dataset at `root` (batch 2, no
+    validation, no checkpoint callbacks), resumed from `ckpt_path` if given."""
+    datamodule = SamDataModule(kind="directory", root=str(root), image_size=256, batch_size=2)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 
-from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.sample import make_sample
 from sam_lightning.errors import UserError
 from sam_lightning.export import main as export_main
@@ -25,7 +23,7 @@ from sam_lightning.model.strategies import LoRAStrategy, lora_layers
 from sam_lightning.model.weights import TRAINABLE_ONLY_KEY, build_sam, load_delta_export
 from sam_lightning.pipelines.export import export_checkpoint
 from sam_lightning.pipelines.fit import build_task
-from tests.conftest import tiny_config, tiny_task
+from tests.conftest import fit_steps, tiny_config, tiny_task
 
 STRATEGIES = {
     "lora": {
@@ -52,22 +50,6 @@ def base_weights(tmp_path_factory) -> Path:
     return path
 
 
-def fit(task: SamTask, root: Path, out_dir: Path, steps: int, ckpt_path: str | None = None):
-    datamodule = SamDataModule(kind="directory", root=str(root), image_size=256, batch_size=2)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=out_dir,
-    )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer
-
-
 def new_task(strategy: str, base: Path, trainable_only: bool = False) -> SamTask:
     cfg = tiny_config(
         f"model.checkpoint={base}",
@@ -86,7 +68,7 @@ def run(request, tmp_path_factory, synthetic_root, base_weights) -> tuple[SamTas
     out = tmp_path_factory.mktemp(f"run_{request.param}")
     torch.manual_seed(0)
     task = new_task(request.param, base_weights)
-    trainer = fit(task, synthetic_root, out, steps=3)
+    trainer = fit_steps(task, synthetic_root, out, steps=3)
     ckpt = out / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     return task.eval(), ckpt, request.param
@@ -170,7 +152,7 @@ def test_trainable_only_checkpoint_is_small_loads_and_resumes(
 ):
     torch.manual_seed(0)
     task = new_task("lora", base_weights, trainable_only=True)
-    trainer = fit(task, synthetic_root, tmp_path, steps=2)
+    trainer = fit_steps(task, synthetic_root, tmp_path, steps=2)
     ckpt = tmp_path / "small.ckpt"
     trainer.save_checkpoint(ckpt)
     raw = torch.load(ckpt, weights_only=True)
@@ -193,7 +175,7 @@ def test_trainable_only_checkpoint_is_small_loads_and_resumes(
     assert all(torch.equal(plain_sam.state_dict()[k], v) for k, v in expected.items())
 
     resumed = new_task("lora", base_weights, trainable_only=True)
-    trainer = fit(resumed, synthetic_root, tmp_path, steps=3, ckpt_path=str(ckpt))
+    trainer = fit_steps(resumed, synthetic_root, tmp_path, steps=3, ckpt_path=str(ckpt))
     assert trainer.global_step == 3
     frozen = "image_encoder.blocks.0.attn.qkv.base_layer.weight"
     assert torch.equal(resumed.sam.state_dict()[frozen], expected[frozen])

@@ -5,15 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from segment_anything import SamPredictor
 
 import sam_lightning
-from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.model.specs import build_sam_architecture
-from tests.conftest import tiny_task
+from tests.conftest import fit_steps, tiny_task
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,18 +26,7 @@ def readme_files(tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.Monke
     torch.manual_seed(0)
     torch.save(build_sam_architecture("vit_b").state_dict(), tmp_path / "sam_finetuned.pth")
     task = tiny_task("strategy=lora")
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    data = SamDataModule(kind="directory", root=str(synthetic_root), image_size=256, batch_size=2)
-    trainer.fit(task, datamodule=data)
+    trainer = fit_steps(task, synthetic_root, tmp_path, steps=1)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
