@@ -1237,10 +1237,21 @@ def run_one(argv: Sequence[str]) -> dict[str, Any]:
     return record
 
 
+def finite_or_none(data: Any) -> Any:
+    """NaN and infinity (a figure not measured) as null: the file stays strict JSON."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write atomically: a reader never sees half a file, even if this process is killed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.write_text(json.dumps(finite_or_none(data), indent=1, default=float, allow_nan=False))
     tmp.replace(path)
 
 
