@@ -35,9 +35,10 @@ The results folder gets five files, flat (the device tool brings back at most 8,
 - `pytest_gpu.log`: the output of `pytest -m gpu`;
 - `run.log`: every step's full output.
 
-`--smoke` runs the same steps on the CPU with the `tiny` model, one step per suite, all suites in
-one worker process (`bench_train.py plan`) and `pytest -m gpu` on `tests/test_gpu.py` only:
-seconds, so `tests/test_gpu_check.py` runs it in the fast suite and the script cannot rot.
+`--smoke` runs the same steps on the CPU with the `tiny` model, one training step per suite, all
+suites in one worker process (`bench_train.py plan`: on a CPU the imports cost more than the
+suites) and `pytest -m gpu` on `tests/test_gpu.py` only: about 25 s on this project's 2-core
+machine, so `tests/test_gpu_check.py` runs it in the fast suite and the script cannot rot.
 
 On this workplace's GPU machine, which lacks some of the project's dependencies and has no
 registry, first fill `.whl/` here with `experiments/gpu_wheels.sh`, then run (device tool, with
