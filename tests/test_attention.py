@@ -48,7 +48,8 @@ def compare_eager_sdpa(module: torch.nn.Module, x: torch.Tensor) -> dict[str, fl
         xi = x.clone().requires_grad_(True)
         out = m(xi)
         if upstream is None:
-            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            gen = torch.Generator().manual_seed(1)  # on the CPU, then moved: the same on a GPU
+            upstream = torch.randn(out.shape, generator=gen).to(out.device)
         out.backward(upstream)
         outs[name] = out.detach()
         grads[name] = {"input": xi.grad} | {n: p.grad for n, p in m.named_parameters()}
