@@ -4,10 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-full lint format clean
+.PHONY: help install demo test test-property test-full lint format clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)  ## fine-tune the tiny SAM on synthetic shapes on the CPU (a few 
 test: $(STAMP)  ## the fast test suite (CPU, minutes)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
+test-property: $(STAMP)  ## the Hypothesis properties with 500 fresh examples each (minutes)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -m "hypothesis and not slow and not gpu" -q
+
 test-full: $(STAMP)  ## every test, slow ones included (GPU tests skip without CUDA)
 	$(PY) -m pytest -q
 
@@ -36,4 +39,4 @@ format: $(STAMP)  ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format sam_lightning tests experiments
 
 clean:  ## remove the venv, logs and caches
-	rm -rf $(VENV) logs outputs multirun .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) logs outputs multirun .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,5 +1,16 @@
 """Shared fixtures: a small synthetic dataset, and configs composed from the packaged YAML
-(the one home of every default), so tests run what users run."""
+(the one home of every default), so tests run what users run.
+
+Hypothesis profiles (pick one with HYPOTHESIS_PROFILE=... or --hypothesis-profile=...):
+
+- ``ci`` (the default, what `make test` and CI run): derandomized, so every run draws the same
+  25 examples per property from a hash of the test and a clean checkout passes or fails the
+  same way each time; no example database, no deadline (the CPUs are shared), and a failure
+  prints its reproduction blob. `--hypothesis-seed` has no effect under it (derandomize wins).
+- ``dev``: the same budget with fresh random examples; `--hypothesis-seed=K` replays run K.
+- ``explore`` (`make test-property`): like ``dev`` with 500 examples per property, to look
+  for counterexamples before they turn up by chance; pin what it finds with `@example`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from hypothesis import settings
 from omegaconf import DictConfig, open_dict
 
 from sam_lightning.config import CONF_DIR, compose_config, plain
@@ -32,6 +44,11 @@ __all__ = [
     "tiny_config",
     "tiny_task",
 ]
+
+settings.register_profile("ci", settings.get_profile("ci"), max_examples=25)
+settings.register_profile("dev", settings.get_profile("ci"), derandomize=False)
+settings.register_profile("explore", settings.get_profile("dev"), max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -206,7 +206,8 @@ def test_training_from_the_cache_never_runs_the_encoder(small_root, tmp_path):
         cached = sample[EMBEDDING_KEY][None].float()
         a, _ = task.decode(fresh, boxes=sample["boxes"])
         b, _ = task.decode(cached, boxes=sample["boxes"])
-    assert ((a - b).norm() / a.norm()).item() < 2e-2
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel < 2e-2, rel  # measured 0.0016 (bf16 rounding, torch.manual_seed(0) above)
 
 
 def test_fit_refuses_the_cache_when_the_encoder_trains(small_root, tmp_path):

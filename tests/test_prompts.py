@@ -6,7 +6,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sam_lightning.data.augment import AlbumentationsAugment, prepare_sample
@@ -118,7 +118,6 @@ def test_a_missing_setting_is_named() -> None:
         build_training_prompts(masks, boxes_from_masks(masks), (40, 50), cfg)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 2), scene=st.integers(0, 10_000))
 def test_property_after_augmentation_boxes_bound_masks_and_points_lie_inside(
     seed: int, scene: int

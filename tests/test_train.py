@@ -18,16 +18,22 @@ from sam_lightning.model.weights import build_sam
 from sam_lightning.pipelines.fit import build_task, train
 from tests.conftest import quickstart, tiny_task
 
-# Training from scratch first sits ~100 steps at "predict nothing" (the focal term); 160 steps of
-# 4 images get clearly past it.
-NUM_TRAIN, BATCH = 160, 4
+# Training from scratch first sits at "predict nothing" (the focal term) before it learns the
+# shapes. The run is seeded (cfg.seed=42: seed_everything, workers too; the untrained model is
+# built after torch.manual_seed(cfg.seed)) and repeats bit for bit on one machine and thread
+# count, but another platform or thread count is a new draw, so the claim must hold for any seed.
+# Measured on a CPU, 1 thread, val/iou after 4 epochs: with the quickstart's batch 2 / lr 1.4e-3
+# (320 steps) 9 seeds of 9 (0-7, 42) reached 0.633-0.682 from 0.014-0.036 untrained, 0.50-0.56
+# above the `untrained + 0.1` bar; with batch 4 / lr 2e-3 (160 steps) seeds 0 and 2 of 4 still
+# predicted nothing (0.0) at the end, and only seed 42's luck made the test pass.
+NUM_TRAIN, BATCH = 160, 2
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH
 EPOCHS = 4
 RUN = (
     f"trainer.max_epochs={EPOCHS}",
     f"trainer.check_val_every_n_epoch={EPOCHS}",
     f"data.batch_size={BATCH}",
-    "optimizer.lr=2e-3",
+    "optimizer.lr=1.4e-3",
     "scheduler.warmup_steps=10",
     f"data.synthetic.num_train={NUM_TRAIN}",
 )
@@ -66,11 +72,14 @@ def test_fast_dev_run(tmp_path: Path, synthetic_root: Path) -> None:
 
 def test_training_raises_val_iou(trained_run) -> None:
     cfg, summary, untrained_iou = trained_run
-    assert summary["best"]["val/iou"] > untrained_iou + 0.1
+    best = summary["best"]["val/iou"]
+    # measured: 0.633-0.682 over 9 seeds vs 0.014-0.036 untrained; seed 42: 0.6705 on 1 thread,
+    # 0.6703 on 2 (the trajectories differ, the outcome does not)
+    assert best > untrained_iou + 0.1, f"val/iou {best:.4f}, untrained {untrained_iou:.4f}"
     on_disk = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
     assert on_disk["best"] == summary["best"]
     assert set(on_disk["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder", "total"}
-    assert 0.2 < on_disk["reference"]["box_fill_iou"] < 0.8
+    assert 0.2 < on_disk["reference"]["box_fill_iou"] < 0.8  # 0.4908: fixed data, no training
     assert len(on_disk["history"]) == 1 and on_disk["seconds"] > 0
     assert Path(on_disk["best_ckpt"]).is_file() and Path(on_disk["last_ckpt"]).is_file()
     assert list((Path(cfg.paths.output_dir) / "overlays").glob("epoch_*.png"))
