@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from sam_lightning import compare as compare_cli
-from sam_lightning.config import job_tag, swept_keys
+from sam_lightning.config import compose_config, job_tag, swept_keys
+from sam_lightning.lightning.callbacks import summary_key
 from sam_lightning.pipelines.compare import compare_runs, split_arguments
 from tests.wandb_files import read_run
 
@@ -256,3 +257,40 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path, synthetic_
     assert len(logs) == 2  # two submitit jobs, one process each
     assert all("summary.json" in log.read_text() for log in logs)
     assert (sweep_dir / "sweep_summary.md").read_text() in result.stdout
+
+
+def interval_bounds(spec: str) -> list[float]:
+    """The two numbers of a Hydra `interval(a, b)` sweep."""
+    inside = spec.split("interval(", 1)[1].split(")")[0]
+    return [float(v) for v in inside.split(",")]
+
+
+def test_the_wandb_sweep_searches_the_optuna_space_for_the_same_objective() -> None:
+    root = Path(__file__).resolve().parents[1]
+    sweep = yaml.safe_load((root / "sweeps" / "wandb_lora.yaml").read_text())
+    train_cfg = compose_config("train", ["experiment=quickstart"])
+    assert sweep["metric"]["name"] == summary_key(train_cfg.optimized_metric) == "best/val_iou"
+    assert sweep["metric"]["goal"] == train_cfg.optimized_direction == "maximize"
+    optuna = compose_config("train", ["hparams_search=optuna_lora"])  # the sweeper's params
+    space = yaml.safe_load(
+        (root / "sam_lightning/conf/hparams_search/optuna_lora.yaml").read_text()
+    )["hydra"]["sweeper"]["params"]
+    assert set(sweep["parameters"]) == set(space) and optuna.strategy.r == 4
+    assert space["strategy.r"] == "choice(4, 8, 16)" and sweep["parameters"]["strategy.r"] == {
+        "values": [4, 8, 16]
+    }
+    lr = sweep["parameters"]["optimizer.lr"]
+    assert space["optimizer.lr"].startswith("tag(log, interval(")
+    assert interval_bounds(space["optimizer.lr"]) == [lr["min"], lr["max"]]
+    assert lr["distribution"] == "log_uniform_values"
+    wd = sweep["parameters"]["optimizer.weight_decay"]
+    assert interval_bounds(space["optimizer.weight_decay"]) == [wd["min"], wd["max"]]
+    command = sweep["command"]
+    assert command[2:6] == ["-m", "sam_lightning.train", "strategy=lora", "logger=wandb"]
+    assert command[-1] == "${args_no_hyphens}"  # key=value: Hydra overrides
+    sampled = [
+        f"{key}={spec.get('min', (spec.get('values') or [None])[0])}"
+        for key, spec in sweep["parameters"].items()
+    ]
+    job = compose_config("train", [*command[4:-1], *sampled])
+    assert job.strategy.r == 4 and job.optimizer.lr == 1e-5 and job.optimizer.weight_decay == 0.0

@@ -45,7 +45,7 @@ def build_task(cfg: DictConfig) -> SamTask:
 
 def build_loggers(cfg: DictConfig) -> list:
     """Loggers from `cfg.logger` (a dict of `_target_` nodes); W&B stays offline unless
-    `WANDB_MODE` says otherwise.
+    `WANDB_MODE` says otherwise or a W&B sweep agent runs the job (`sweeps/`).
 
     W&B's `log_model` is ours (`log_model_artifact`: the best checkpoint's export), so
     Lightning's own upload of every checkpoint file stays off.
@@ -55,7 +55,8 @@ def build_loggers(cfg: DictConfig) -> list:
         if node is None:
             continue
         if "wandb" in name.lower():
-            os.environ.setdefault("WANDB_MODE", "offline")
+            if "WANDB_SWEEP_ID" not in os.environ:  # a W&B sweep's agent reports online
+                os.environ.setdefault("WANDB_MODE", "offline")
             loggers.append(instantiate(node, log_model=False))
         else:
             loggers.append(instantiate(node))
