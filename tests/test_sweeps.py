@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,24 @@ def test_the_wandb_sweep_searches_the_optuna_space_for_the_same_objective() -> N
     ]
     job = compose_config("train", [*command[4:-1], *sampled])
     assert job.strategy.r == 4 and job.optimizer.lr == 1e-5 and job.optimizer.weight_decay == 0.0
+
+
+def test_a_failed_job_is_listed_unranked(sweep, tmp_path: Path) -> None:
+    """A job folder without summary.json (it failed, or still runs) is a row, not a gap."""
+    _, _, sweep_dir = sweep
+    partial = tmp_path / "sweep"
+    shutil.copytree(sweep_dir / "0_full", partial / "0_full")
+    (partial / "1_lora" / ".hydra").mkdir(parents=True)
+    (partial / "1_lora" / ".hydra" / "overrides.yaml").write_text("- strategy=lora\n")
+    report = compare_runs([partial], partial, title="partial")
+    done, failed = report["rows"]
+    assert (done["job"], done["rank"], failed["job"], failed["rank"]) == (
+        "0_full",
+        1,
+        "1_lora",
+        None,
+    )
+    assert failed["status"].startswith("no summary.json") and failed["overrides"] == [
+        "strategy=lora"
+    ]
+    assert "| - | 1_lora | no summary.json" in report["markdown"]
