@@ -13,7 +13,7 @@ from sam_lightning.pipelines.fit import train
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
-    return summary["best"].get("val/iou")  # the value a Hydra sweeper optimises
+    return summary["objective"]["value"]  # optimized_metric's best: what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

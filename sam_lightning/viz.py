@@ -96,3 +96,20 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
     return path
+
+
+#: W&B stores mask layers as 8-bit signed PNGs: instances past this share the last label
+MAX_LABEL = 127
+
+
+def label_map(masks: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[N, H, W] bool masks as one [H, W] uint8 map, instance k labelled k + 1 (0: background).
+
+    Larger masks are painted first, so a small instance on top of a large one stays visible.
+    """
+    stack = _numpy(masks).astype(bool)
+    out = np.zeros(stack.shape[-2:], dtype=np.uint8)
+    areas = stack.reshape(len(stack), -1).sum(1)
+    for k in np.argsort(-areas, kind="stable"):
+        out[stack[k]] = min(int(k) + 1, MAX_LABEL)
+    return out

@@ -75,3 +75,33 @@ def curve_labels(models: dict[str, Any]) -> dict[str, str]:
     if len(set(names.values())) < len(names):
         return {role: f"{role} ({name})" for role, name in names.items()}
     return names
+
+
+def plot_metric_curves(
+    curves: dict[str, tuple[list[int], list[float]]],
+    path: str | Path,
+    metric: str = "val/iou",
+    title: str | None = None,
+) -> Path:
+    """A metric against the training step, one line per run (sweep_curves.png, compare).
+
+    Args:
+        curves: label -> (steps, values) of that run's validations.
+    """
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for i, (label, (steps, values)) in enumerate(curves.items()):
+        ax.plot(steps, values, marker="o", markersize=3, color=f"C{i % 10}", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    if metric.endswith(("iou", "dice")):
+        ax.set_ylim(0, 1)
+    ax.set_title(title or f"{metric} against step")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

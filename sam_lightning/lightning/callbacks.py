@@ -1,57 +1,194 @@
-"""Callbacks: mask overlays per validation, and the run summary."""
+"""Callbacks: mask overlays per validation (disk, W&B, TensorBoard), and the run summary."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import WandbLogger
+import torch
+import wandb
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from sam_lightning.viz import draw_overlay, image_grid, save_png
+from sam_lightning.viz import draw_overlay, image_grid, label_map, save_png
+
+#: `optimized_direction` values
+DIRECTIONS = ("maximize", "minimize")
+
+
+def summary_key(metric: str) -> str:
+    """The W&B run-summary key of a metric's best value: `val/iou` -> `best/val_iou`."""
+    return "best/" + metric.replace("/", "_")
+
+
+def best_of(
+    history: list[dict[str, float]], metric: str, direction: str = "maximize"
+) -> dict[str, float] | None:
+    """The validation of `history` with the best finite `metric`, or None if none has it."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    scored = [h for h in history if metric in h and math.isfinite(h[metric])]
+    if not scored:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda h: h[metric])
+
+
+def _on_cpu(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+
+
+def _image_hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def wandb_mask_image(example: dict[str, Any]) -> wandb.Image:
+    """One validation image for W&B, with ground truth and prediction as separate mask layers
+    (toggled in the UI), each instance labelled (the prediction's labels carry its IoU), and the
+    prompt boxes as a box layer."""
+    iou = example["iou"].tolist()
+    instances = {k + 1: f"instance {k + 1}" for k in range(len(iou))}
+    scored = {k + 1: f"instance {k + 1} (IoU {v:.2f})" for k, v in enumerate(iou)}
+    h, w = example["image"].shape[-2:]
+    boxes = [
+        {
+            "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+            "domain": "pixel",
+            "class_id": k + 1,
+            "box_caption": f"prompt {k + 1}",
+        }
+        for k, (x0, y0, x1, y1) in enumerate(example["boxes"].clamp(min=0).tolist())
+    ]
+    return wandb.Image(
+        _image_hwc(example["image"]),
+        masks={
+            "ground_truth": {
+                "mask_data": label_map(example["gt"]),
+                "class_labels": {0: "background", **instances},
+            },
+            "prediction": {
+                "mask_data": label_map(example["masks"]),
+                "class_labels": {0: "background", **scored},
+            },
+        },
+        boxes={"prompts": {"box_data": boxes, "class_labels": {0: "background", **instances}}},
+        caption=f"{example['image_id']} ({w}x{h}, mean IoU {np.mean(iou):.3f})",
+    )
 
 
 class MaskOverlays(L.Callback):
-    """After each validation: ground truth and prediction side by side for a few images,
-    written as `<run dir>/overlays/epoch_XXX.png` and sent to W&B when it is the logger.
+    """After each validation: the first `max_images` images with ground truth | prediction and
+    the `worst_images` images of lowest mean instance IoU.
+
+    Writes `<run dir>/overlays/epoch_XXX.png`; W&B gets the examples as images with toggleable
+    mask layers (`val/examples`) and a table of the worst images (`val/worst_images`: image,
+    instance count, IoU per instance); TensorBoard gets the same overlays as the PNG. The images
+    come from `SamTask.validation_step`'s outputs (`{"images": [...]}`), on rank zero.
     """
 
-    def __init__(self, out_dir: str, max_images: int = 4) -> None:
+    def __init__(self, out_dir: str, max_images: int = 4, worst_images: int = 8) -> None:
         self.out_dir = Path(out_dir)
         self.max_images = max_images
+        self.worst_images = worst_images
+        self.examples: list[dict[str, Any]] = []
+        self.worst: list[dict[str, Any]] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.examples, self.worst = [], []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(outputs, dict):
+            return
+        for record in outputs.get("images", []):
+            self.keep(record)
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """Keep one validation image if it is among the first or the worst seen this epoch."""
+        if len(self.examples) < self.max_images:
+            self.examples.append(_on_cpu(record))
+        if self.worst_images <= 0:
+            return
+        score = float(record["iou"].float().mean())
+        if len(self.worst) < self.worst_images:
+            self.worst.append({**_on_cpu(record), "score": score})
+        else:
+            best_kept = max(range(len(self.worst)), key=lambda i: self.worst[i]["score"])
+            if score < self.worst[best_kept]["score"]:
+                self.worst[best_kept] = {**_on_cpu(record), "score": score}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        examples = getattr(pl_module, "val_examples", [])[: self.max_images]
-        if trainer.sanity_checking or not examples or not trainer.is_global_zero:
+        if trainer.sanity_checking or not self.examples or not trainer.is_global_zero:
             return
         pictures = []
-        for ex in examples:
+        for ex in self.examples:
             pictures.append(draw_overlay(ex["image"], ex["gt"], ex["boxes"]))
             pictures.append(draw_overlay(ex["image"], ex["masks"], ex["boxes"]))
         grid = image_grid(pictures, columns=2)
         save_png(grid, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png")
+        step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(
-                    "val/overlays",
-                    [grid],
-                    caption=["ground truth | prediction"],
-                    step=trainer.global_step,
+                logger.log_metrics(
+                    {"val/examples": [wandb_mask_image(ex) for ex in self.examples]}, step=step
                 )
+                self.log_worst_table(logger, trainer.current_epoch, step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    "val/overlays (ground truth | prediction)", grid, step, dataformats="HWC"
+                )
+
+    def log_worst_table(self, logger: WandbLogger, epoch: int, step: int) -> None:
+        """`val/worst_images`: the worst images of this validation, lowest mean IoU first."""
+        rows = []
+        for ex in sorted(self.worst, key=lambda r: r["score"]):
+            iou = ex["iou"].tolist()
+            rows.append(
+                [
+                    wandb_mask_image(ex),
+                    ex["image_id"],
+                    len(iou),
+                    round(ex["score"], 4),
+                    ", ".join(f"{v:.3f}" for v in iou),
+                    epoch,
+                ]
+            )
+        columns = ["image", "image_id", "instances", "mean_iou", "iou_per_instance", "epoch"]
+        logger.log_table(key="val/worst_images", columns=columns, data=rows, step=step)
 
 
 class RunSummary(L.Callback):
     """Keeps the validation history, and at the end of fit writes `summary.json`.
 
-    `extra` is merged into the summary (parameter counts, reference baselines).
+    `best` is the validation with the best `monitor` (the best checkpoint's); `objective` the best
+    `objective` value in `direction` (`optimized_metric`, what sweeps optimise). W&B runs get both
+    in their summary after each validation (`best/val_iou`, ...). `extra` is merged into the
+    summary (parameter counts, reference baselines).
     """
 
-    def __init__(self, path: str, monitor: str = "val/iou") -> None:
+    def __init__(
+        self,
+        path: str,
+        monitor: str = "val/iou",
+        objective: str = "val/iou",
+        direction: str = "maximize",
+    ) -> None:
+        best_of([], objective, direction)  # a wrong direction fails before training
         self.path = Path(path)
         self.monitor = monitor
+        self.objective = objective
+        self.direction = direction
         self.history: list[dict[str, float]] = []
         self.extra: dict[str, Any] = {}
         self.started = time.perf_counter()
@@ -67,15 +204,41 @@ class RunSummary(L.Callback):
             self.history.append(
                 {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
             )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update(self.wandb_summary())
+
+    def wandb_summary(self) -> dict[str, float]:
+        """`best/val_iou`, `best/val_dice` (and per protocol) of the best validation so far, its
+        epoch and step, and the objective's best value (`best/<optimized_metric>`)."""
+        best = best_of(self.history, self.monitor) or {}
+        values = {
+            summary_key(k): v
+            for k, v in best.items()
+            if k.startswith("val/") and k.endswith(("iou", "dice"))
+        }
+        values |= {"best/epoch": best["epoch"], "best/step": best["step"]} if best else {}
+        objective = best_of(self.history, self.objective, self.direction)
+        if objective:
+            values[summary_key(self.objective)] = objective[self.objective]
+        return values
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
-        scored = [h for h in self.history if self.monitor in h and np.isfinite(h[self.monitor])]
-        best = max(scored, key=lambda h: h[self.monitor]) if scored else {}
+        best = best_of(self.history, self.monitor) or {}
+        objective = best_of(self.history, self.objective, self.direction) or {}
         best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor == self.monitor), None)
         latest_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
         return {
             "best": {k: v for k, v in best.items() if k.startswith("val/")}
             | ({"epoch": best["epoch"], "step": best["step"]} if best else {}),
+            "objective": {
+                "metric": self.objective,
+                "direction": self.direction,
+                "value": objective.get(self.objective),
+                "epoch": objective.get("epoch"),
+                "step": objective.get("step"),
+            },
             "best_ckpt": (best_cb.best_model_path or None) if best_cb else None,
             # without a monitor, the checkpoint a callback keeps is the most recent one
             "last_ckpt": (latest_cb.best_model_path or latest_cb.last_model_path or None)

@@ -1,4 +1,5 @@
-"""Lightning checkpoints of a run that leave the frozen weights out (`checkpoint.trainable_only`).
+"""Lightning checkpoints of a run: the ones that leave the frozen weights out
+(`checkpoint.trainable_only`), and finding the newest one to resume from (`ckpt_path=last`).
 
 A LoRA r=4 vit_b run trains 4.28 M of 94 M weights: its checkpoints need not carry the other 90 M.
 `keep_trainable_only` drops them on save; `restore_frozen` fills them back from the freshly built
@@ -7,6 +8,7 @@ model (built from `model.checkpoint`) on load. `sam_lightning.model.weights` rea
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,3 +45,17 @@ def restore_frozen(checkpoint: dict[str, Any], own_state: dict[str, torch.Tensor
     for key in missing:
         state[key] = own_state[key]
     return len(missing)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint a run folder holds to resume from, or None.
+
+    Candidates: `checkpoints/last*.ckpt` (written after every validation and epoch) and the
+    `hpc_ckpt_N.ckpt` that Lightning writes into the run folder when SLURM signals the end of a
+    job's time. Lightning alone prefers any hpc checkpoint, even one older than last.ckpt (a job
+    requeued twice, once by its time limit, once by preemption); the newest file is what resumes
+    the most work.
+    """
+    run_dir = Path(run_dir)
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)

@@ -20,7 +20,7 @@ from sam_lightning.evaluation.aggregate import protocol_metrics
 from sam_lightning.evaluation.protocol import InstanceScores, ProtocolConfig, evaluate_image
 from sam_lightning.lightning.checkpoints import keep_trainable_only, restore_frozen
 from sam_lightning.losses import SamLoss
-from sam_lightning.metrics import mask_metrics
+from sam_lightning.metrics import mask_iou, mask_metrics
 from sam_lightning.model.attention import configure_image_encoder, encoder_options
 from sam_lightning.model.decoder import decode_prompts, resolve_chunk_size
 from sam_lightning.model.strategies import instantiate_strategy
@@ -28,8 +28,6 @@ from sam_lightning.model.weights import build_sam, check_model_size, describe_ch
 from sam_lightning.prompts.interactive import InteractiveConfig, interactive_session
 from sam_lightning.prompts.sampling import build_training_prompts
 
-#: validation images kept per epoch for the mask-overlay callbacks (from the first batches)
-VAL_EXAMPLES = 4
 #: where SAM's loss compares masks: the decoder's low-res grid or the padded input frame (S x S)
 LOSS_RESOLUTIONS = ("low_res", "input")
 
@@ -100,7 +98,6 @@ class SamTask(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": mask_metrics(f"{stage}/") for stage in ("train", "val", "test")}
         )
-        self.val_examples: list[dict[str, torch.Tensor]] = []  # for overlay callbacks
 
     @property
     def image_size(self) -> int:
@@ -216,9 +213,16 @@ class SamTask(L.LightningModule):
         return result.loss, result.pred
 
     # ---- one step for every stage ------------------------------------------------------------
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: dict[str, Any], stage: str, images: list[dict[str, Any]] | None = None
+    ) -> torch.Tensor:
         """The step of every stage: prompts and loss per image; validation and test also run
-        the paper's protocols (`sam_lightning.evaluation`) on the same box predictions."""
+        the paper's protocols (`sam_lightning.evaluation`) on the same box predictions.
+
+        With `images`, one record per image with instances is appended to it: the image and
+        masks cropped to the image (no padding), the prompt boxes, and each instance's IoU, of
+        the very predictions `val/iou` scores (what the overlay callbacks draw).
+        """
         training = stage == "train"
         if training and self.prompt_cfg is None:
             raise UserError("this SamTask was built without prompt settings: it cannot train")
@@ -227,7 +231,6 @@ class SamTask(L.LightningModule):
             embeddings = self.encode(batch["images"], batch["input_size"])
         losses, scores = [], []
         metrics = self.metrics[f"{stage}_metrics"]
-        keep_examples = stage == "val" and len(self.val_examples) < VAL_EXAMPLES
         for i, (masks, boxes) in enumerate(zip(batch["masks"], batch["boxes"], strict=True)):
             if masks.shape[0] == 0:
                 continue
@@ -261,17 +264,17 @@ class SamTask(L.LightningModule):
                     )
             losses.append(loss)
             metrics.update(pred, truth)
-            if keep_examples:
-                self.val_examples.append(
+            if images is not None:
+                images.append(
                     {
-                        "image": batch["images"][i, :, :h, :w].cpu(),
-                        "masks": pred.cpu(),
-                        "gt": truth.cpu(),
-                        "boxes": boxes.cpu(),
+                        "image": batch["images"][i, :, :h, :w],
+                        "masks": pred,
+                        "gt": truth,
+                        "boxes": boxes,
+                        "iou": mask_iou(pred, truth),
                         "image_id": batch["image_ids"][i],
                     }
                 )
-                keep_examples = len(self.val_examples) < VAL_EXAMPLES
         batch_size = len(batch["masks"])
         if not training:
             collection = self.protocol_metrics[stage]
@@ -304,14 +307,14 @@ class SamTask(L.LightningModule):
             )
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Returns `{"images": [...]}` (see `_shared_step`) for callbacks' `on_validation_batch_end`."""
+        images: list[dict[str, Any]] = []
+        self._shared_step(batch, "val", images)
+        return {"images": images}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self.val_examples = []
 
     def setup(self, stage: str) -> None:
         # data.cache_embeddings=true: fill the cache before any loader exists (issue 6)

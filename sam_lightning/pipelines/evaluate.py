@@ -136,6 +136,13 @@ def log_evaluation(loggers: list[Logger], runs: dict[str, dict[str, Any]], plot:
             ]
             logger.log_table(key="eval/table", columns=columns, data=data)
             logger.log_image(key="eval/miou_vs_clicks", images=[str(plot)])
+            logger.experiment.summary.update(
+                {
+                    f"eval/{label}/{n}/miou": r["miou"]
+                    for label, res in runs.items()
+                    for n, r in res["protocols"].items()
+                }
+            )
         else:
             for label, results in runs.items():
                 flat = {
@@ -143,3 +150,5 @@ def log_evaluation(loggers: list[Logger], runs: dict[str, dict[str, Any]], plot:
                 }
                 logger.log_metrics(flat, step=0)
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
