@@ -20,12 +20,12 @@ click against the same embedding:
 
 The graphs come from torch's TorchScript exporter (`torch.onnx.export(..., dynamo=False)`). It
 traced `SamOnnxModel`'s crop to the resized image with Python ints, i.e. as constants of the
-example image size: masks of any other image size came out wrong (measured: max error 0.25 on
-logits). `DecoderGraph` keeps that crop as tensor slicing. torch's default torch.export-based
-exporter got the plain `SamOnnxModel` right too, but needs `onnxscript` (another dependency),
-produces opset 18 (its down-conversion to 17 failed), and took 17 s instead of 1.5 s for the
-tiny decoder (96 s for both tiny graphs on a loaded CPU): too slow for the fast tests that
-prove the graphs equal, so it is not used.
+example image size: masks of any other image size came out wrong (max error 0.33 on the mask
+logits, `experiments/bench_onnx_export.py`). `DecoderGraph` keeps that crop as tensor slicing
+(error 1e-6). torch's default torch.export-based exporter got the plain `SamOnnxModel` right too,
+but needs `onnxscript` (another dependency), writes opset 18, and took 58 s instead of 2 s for
+the tiny decoder (experiments/RESULTS_export.md): too slow for the fast tests that prove the
+graphs equal, so it is not used.
 """
 
 from __future__ import annotations
