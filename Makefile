@@ -12,10 +12,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,optuna,slurm]'
+	$(PY) -m pip install --quiet -e '.[dev,optuna,slurm,onnx]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the package with its dev tools, Optuna and submitit
+install: $(STAMP)  ## create .venv and install the package with its dev tools, Optuna, submitit and ONNX export
 
 demo: $(STAMP)  ## fine-tune the tiny SAM on synthetic shapes on the CPU (a few minutes)
 	$(PY) -m sam_lightning.train experiment=quickstart

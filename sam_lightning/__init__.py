@@ -3,10 +3,10 @@
 The public API, one import away (the README shows each):
 
 - models: `build_sam(size, checkpoint=...)`, `load_sam(path)` / `load_checkpoint(path)` (any
-  checkpoint kind), `read_checkpoint`, `MODEL_SPECS`;
+  checkpoint kind, transformers `SamModel` folders too), `read_checkpoint`, `MODEL_SPECS`;
 - training: `SamTask` (the LightningModule), `train(cfg)`, `build_task(cfg)`, `compose_config`;
-- evaluation and export: `evaluate_from_config(cfg)`, `export_checkpoint(ckpt, out)`,
-  `save_export(sam, strategy, size, out)`.
+- evaluation and export: `evaluate_from_config(cfg)`, `export_checkpoint(ckpt, out, format=...)`
+  (`sam`, `onnx`, `hf`), `save_export(sam, strategy, size, out)`.
 """
 
 from sam_lightning.config import CONF_DIR, compose_config, plain

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from unittest.mock import MagicMock
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from segment_anything import SamAutomaticMaskGenerator
 
 from sam_lightning.config import compose_config, plain
 from sam_lightning.data.directory import DirectoryDataset
@@ -16,6 +18,7 @@ from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.errors import UserError
 from sam_lightning.evaluation.aggregate import instance_count, protocol_metrics, results_table
+from sam_lightning.evaluation.amg import AmgTotals, best_match_iou, measure_amg
 from sam_lightning.evaluation.protocol import (
     InstanceScores,
     ProtocolConfig,
@@ -27,7 +30,7 @@ from sam_lightning.evaluation.report import markdown_table, plot_curves
 from sam_lightning.metrics import mask_iou
 from sam_lightning.model.decoder import sam_decoder, to_masks
 from sam_lightning.model.weights import build_sam
-from sam_lightning.pipelines.evaluate import evaluate_from_config, log_evaluation
+from sam_lightning.pipelines.evaluate import evaluate_from_config, log_evaluation, protocol_settings
 from sam_lightning.pipelines.fit import train
 from sam_lightning.prompts.clicks import farthest_point_click
 from tests.conftest import compose_evaluate, compose_train, quickstart, tiny_task
@@ -51,7 +54,7 @@ def protocol(**chosen) -> ProtocolConfig:
 
 def full_protocol() -> ProtocolConfig:
     """What `python -m sam_lightning.evaluate` runs: conf/evaluate.yaml's protocol."""
-    return ProtocolConfig.from_dict(plain(compose_config("evaluate", ["ckpt=x"]).protocol))
+    return ProtocolConfig.from_dict(protocol_settings(compose_config("evaluate", ["ckpt=x"]))[0])
 
 
 def disk(cx: int, cy: int, r: float, size: int = S) -> torch.Tensor:
@@ -442,3 +445,128 @@ def test_interactive_quickstart_then_evaluate(tmp_path) -> None:
     assert written["model"]["protocols"] == protocols
     assert (tmp_path / "eval" / "eval.png").is_file()
     assert "| 5click |" in (tmp_path / "eval" / "eval.md").read_text()
+
+
+# ------------------------------------------------------------------------- automatic masks (AMG)
+
+
+def block(rows: slice, cols: slice, size: int = 8) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def test_amg_matching_equals_a_hand_computation() -> None:
+    """Image 1: three instances, three generated masks; image 2: one instance, no mask.
+
+    A (rows 0-3, cols 0-3, 16 px), B (rows 4-7, cols 4-7, 16 px), C (rows 0-1, cols 6-7, 4 px);
+    generated g1 (rows 0-3, cols 0-2, 12 px), g2 (rows 4-7, cols 2-7, 24 px), g3 (everything).
+    Best IoU: A-g1 12/16 = 0.75, B-g2 16/24 = 2/3, C-g3 4/64 = 0.0625 (g1 and g2 miss C).
+    """
+    gt = torch.stack([block(slice(0, 4), slice(0, 4)), block(slice(4, 8), slice(4, 8))])
+    gt = torch.cat([gt, block(slice(0, 2), slice(6, 8))[None]])
+    generated = torch.stack(
+        [
+            block(slice(0, 4), slice(0, 3)),
+            block(slice(4, 8), slice(2, 8)),
+            block(slice(0, 8), slice(0, 8)),
+        ]
+    )
+    best = best_match_iou(generated, gt)
+    assert best.tolist() == pytest.approx([0.75, 2 / 3, 0.0625], abs=1e-12)
+    totals = AmgTotals()
+    totals.update(generated, gt)
+    totals.update(torch.zeros(0, 8, 8, dtype=torch.bool), block(slice(2, 5), slice(2, 5))[None])
+    assert totals.summary() == pytest.approx(
+        {
+            "recall50": 2 / 4,  # A and B
+            "recall75": 1 / 4,  # A only: 0.75 counts (IoU >= threshold)
+            "mean_best_iou": (0.75 + 2 / 3 + 0.0625 + 0.0) / 4,
+            "masks_per_image": 3 / 2,
+            "images_without_masks": 1,
+            "images": 2,
+            "instances": 4,
+        },
+        abs=1e-12,
+    )
+
+
+def test_measure_amg_scores_each_image_in_its_input_frame() -> None:
+    """The generator sees each image cropped to its input size; masks come back in that frame."""
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    gt = [block(slice(0, 4), slice(0, 4))[None], block(slice(0, 2), slice(0, 6))[None]]
+    batch = {"images": images, "masks": gt, "input_size": torch.tensor([[6, 8], [8, 6]])}
+    shapes = []
+
+    def generate(image):
+        shapes.append(image.shape)
+        h, w = image.shape[:2]
+        return [{"segmentation": block(slice(0, 4), slice(0, 2), 8)[:h, :w].numpy()}]
+
+    result = measure_amg(generate, [batch, batch], max_batches=1)
+    assert shapes == [(6, 8, 3), (8, 6, 3)]
+    assert result["mean_best_iou"] == pytest.approx((8 / 16 + 4 / 16) / 2, abs=1e-12)
+    assert result["recall50"] == 0.5 and result["images"] == 2 and result["masks_per_image"] == 1
+
+
+def test_evaluate_amg_reports_what_the_generator_finds(tmp_path: Path, synthetic_root: Path):
+    """`protocol.amg=true`: the figures in eval.json equal a matching computed here with numpy on
+    what segment-anything's generator returns for the same images; baseline side by side."""
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pth"
+    torch.save(build_sam("tiny").state_dict(), weights)
+    settings = [
+        "amg.points_per_side=4",
+        "amg.pred_iou_thresh=0.0",
+        "amg.stability_score_thresh=0.0",
+    ]
+    cfg = compose_evaluate(
+        [
+            f"ckpt={weights}",
+            f"baseline={weights}",
+            "data=synthetic",
+            f"data.root={synthetic_root}",
+            "data.synthetic.num_train=16",
+            "data.synthetic.num_val=8",
+            "data.batch_size=4",
+            "max_batches=1",
+            "device=cpu",
+            "protocol.clicks=[]",
+            "protocol.box_click=false",
+            "protocol.oracle=false",
+            "protocol.noc=false",
+            "protocol.amg=true",
+            *settings,
+        ],
+        tmp_path / "eval",
+    )
+    report = evaluate_from_config(cfg)
+    amg = report["model"]["amg"]
+    assert report["baseline"]["amg"] == amg  # the same weights
+    # independently: the generator on the first 4 validation images, IoU by numpy
+    generator = SamAutomaticMaskGenerator(
+        build_sam("tiny", checkpoint=weights).eval(), **plain(cfg.amg)
+    )
+    dataset = DirectoryDataset(synthetic_root, "val", 256)
+    best, counts = [], []
+    for i in range(4):
+        sample = dataset[i]
+        h, w = (int(v) for v in sample["input_size"])
+        image = sample["image"][:, :h, :w].permute(1, 2, 0).numpy()
+        found = [m["segmentation"] for m in generator.generate(image)]
+        counts.append(len(found))
+        for truth in sample["masks"][:, :h, :w].numpy():
+            ious = [(truth & m).sum() / (truth | m).sum() for m in found]
+            best.append(max(ious, default=0.0))
+    best = np.array(best)
+    assert amg["instances"] == len(best) == report["model"]["instances"]
+    assert amg["mean_best_iou"] == pytest.approx(best.mean(), abs=1e-9)
+    assert amg["recall50"] == pytest.approx((best >= 0.5).mean(), abs=1e-9)
+    assert amg["recall75"] == pytest.approx((best >= 0.75).mean(), abs=1e-9)
+    assert amg["masks_per_image"] == pytest.approx(np.mean(counts), abs=1e-9)
+    assert 0 < amg["masks_per_image"] <= 3 * 16  # thresholds off: 16 points, 3 masks each at most
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written["model"]["amg"] == amg
+    table = (tmp_path / "eval" / "eval.md").read_text()
+    row = f"| mean best IoU | {amg['mean_best_iou']:.4f} | {amg['mean_best_iou']:.4f} |"
+    assert "| automatic masks (best match per instance) |" in table and row in table

@@ -1,16 +1,21 @@
 """Export after a short training run: the exported model in `SamPredictor` equals the trained task.
 
 Also: trainable-only checkpoints (small, resumable, loadable), `load_from_checkpoint(...).sam`,
-delta exports and the CLI's messages.
+delta exports, the CLI's messages, and the other formats, each against `SamPredictor` on the
+same trained weights: ONNX graphs in onnxruntime, a transformers `SamModel` folder (and back
+through `build_sam`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
+import transformers
 from segment_anything import SamPredictor
 
 from sam_lightning.data.sample import make_sample
@@ -18,7 +23,8 @@ from sam_lightning.errors import UserError
 from sam_lightning.export import main as export_main
 from sam_lightning.lightning.checkpoints import keep_trainable_only
 from sam_lightning.lightning.task import SamTask
-from sam_lightning.model.specs import build_sam_architecture
+from sam_lightning.model.hf import HF_TIED_KEY, hf_config, sam_to_hf_state_dict, write_hf_folder
+from sam_lightning.model.specs import MODEL_SPECS, build_sam_architecture
 from sam_lightning.model.strategies import LoRAStrategy, lora_layers
 from sam_lightning.model.weights import TRAINABLE_ONLY_KEY, build_sam, load_delta_export
 from sam_lightning.pipelines.export import export_checkpoint
@@ -212,7 +218,10 @@ def test_other_model_size_names_both(run, tmp_path, capsys):
     [
         (["ckpt=nowhere.ckpt", "out=x.pth"], "checkpoint not found: nowhere.ckpt"),
         (["ckpt=a.ckpt"], "missing out"),
-        (["ckpt=a.ckpt", "out=x.pth", "format=onnx"], "unknown argument 'format=onnx'"),
+        (["ckpt=a.ckpt", "out=x.pth", "size=vit_b"], "unknown argument 'size=vit_b'"),
+        (["ckpt=a.ckpt", "out=x", "format=tflite"], "format=tflite: expected one of sam, onnx, hf"),
+        (["ckpt=a.ckpt", "out=x", "onnx.single_mask=maybe"], "onnx.single_mask must be true or"),
+        (["ckpt=a.ckpt", "out=x", "format=hf", "delta=true"], "delta=true writes a segment-anyth"),
     ],
 )
 def test_cli_messages(argv, message, capsys):
@@ -228,6 +237,219 @@ def test_cli_rejects_an_export_as_ckpt(tmp_path):
     torch.save(build_sam_architecture("tiny").state_dict(), path)
     with pytest.raises(UserError, match="not a Lightning checkpoint"):
         export_checkpoint(path, tmp_path / "out.pth")
+
+
+# ------------------------------------------------------------------------ ONNX and transformers
+
+
+def preprocessed(sam, image: np.ndarray) -> tuple[SamPredictor, torch.Tensor]:
+    """`SamPredictor` set on `image`, and the image as `Sam.preprocess` leaves it [1, 3, S, S]."""
+    predictor = SamPredictor(sam.eval())
+    predictor.set_image(image)
+    resized = predictor.transform.apply_image(image)
+    pixels = torch.as_tensor(resized).permute(2, 0, 1)[None].float()
+    return predictor, sam.preprocess(pixels)
+
+
+def decoder_feed(embedding, coords, labels, image_shape, mask=None) -> dict[str, np.ndarray]:
+    """decoder.onnx's inputs, named and shaped as segment-anything's `SamOnnxModel` takes them."""
+    side = 4 * embedding.shape[-1]
+    return {
+        "image_embeddings": embedding,
+        "point_coords": np.asarray(coords, np.float32)[None],
+        "point_labels": np.asarray(labels, np.float32)[None],
+        "mask_input": np.zeros((1, 1, side, side), np.float32) if mask is None else mask,
+        "has_mask_input": np.array([0.0 if mask is None else 1.0], np.float32),
+        "orig_im_size": np.array(image_shape[:2], np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def onnx_run(run, tmp_path_factory) -> tuple[SamTask, Path, str, Path]:
+    """The trained run exported through the CLI with format=onnx."""
+    task, ckpt, strategy = run
+    out = tmp_path_factory.mktemp(f"onnx_{strategy}")
+    export_main([f"ckpt={ckpt}", f"out={out}", "format=onnx"])
+    return task, ckpt, strategy, out
+
+
+def test_onnx_graphs_equal_sam_predictor_for_boxes_and_points(onnx_run, base_weights):
+    task, ckpt, strategy, out = onnx_run
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx"]
+    encoder = onnxruntime.InferenceSession(str(out / "encoder.onnx"))
+    decoder = onnxruntime.InferenceSession(str(out / "decoder.onnx"))
+    assert [i.name for i in decoder.get_inputs()] == [
+        "image_embeddings",
+        "point_coords",
+        "point_labels",
+        "mask_input",
+        "has_mask_input",
+        "orig_im_size",
+    ]
+    assert [o.name for o in decoder.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
+    image, sample = example()  # 200 x 256: not the image size the graph was traced with
+    predictor, pixels = preprocessed(task.sam, image)
+    (embedding,) = encoder.run(None, {"image": pixels.numpy()})
+    assert np.abs(embedding - predictor.features.numpy()).max() < 1e-4
+
+    boxes = predictor.transform.apply_boxes(sample["boxes"].numpy(), image.shape[:2])
+    with torch.no_grad():  # logits at the original size, as the graph's `masks` output
+        logits, iou, low_res = predictor.predict_torch(
+            None, None, torch.as_tensor(boxes), multimask_output=False, return_logits=True
+        )
+    for k, box in enumerate(boxes):  # a box: two corners, labels 2 and 3; no padding point
+        got = decoder.run(None, decoder_feed(embedding, box.reshape(2, 2), [2, 3], image.shape))
+        got_masks, got_iou, got_low = got
+        assert got_low.shape == (1, 4, 64, 64) and got_masks.shape == (1, 4, 200, 256)
+        assert np.abs(got_low[0, :1] - low_res[k].numpy()).max() < 1e-4
+        assert np.abs(got_iou[0, :1] - iou[k].numpy()).max() < 1e-4
+        assert np.abs(got_masks[0, :1] - logits[k].numpy()).max() < 1e-4
+
+    rng = np.random.default_rng(1)
+    for n in (1, 5):  # the same graph, 1 and 5 points: the number of points is dynamic
+        points = rng.uniform([0, 0], [256, 200], size=(n, 2)).astype(np.float32)
+        labels = np.array([1] + [1, 0] * ((n - 1) // 2), np.float32)[:n]
+        coords = predictor.transform.apply_coords(points, image.shape[:2])
+        with torch.no_grad():  # SamPredictor pads a (0, 0) point labelled -1 itself
+            _, their_iou, their_low = predictor.predict_torch(
+                torch.as_tensor(coords)[None],
+                torch.as_tensor(labels)[None],
+                multimask_output=n == 1,
+            )
+        feed = decoder_feed(embedding, np.vstack([coords, [[0, 0]]]), [*labels, -1], image.shape)
+        _, got_iou, got_low = decoder.run(None, feed)
+        outputs = slice(1, 4) if n == 1 else slice(0, 1)  # one click: the three ambiguity masks
+        assert np.abs(got_low[0, outputs] - their_low[0].numpy()).max() < 1e-4
+        assert np.abs(got_iou[0, outputs] - their_iou[0].numpy()).max() < 1e-4
+    # the graphs hold the trained weights, not the base ones
+    base_predictor, _ = preprocessed(build_sam("tiny", checkpoint=base_weights), image)
+    assert np.abs(embedding - base_predictor.features.numpy()).max() > 1e-2
+    _, _, base_low = predictor_outputs(build_sam("tiny", checkpoint=base_weights), image, sample)
+    assert (base_low - low_res).abs().max() > 1e-2
+
+
+def test_onnx_single_mask_picks_as_segment_anything_does(run, tmp_path):
+    task, ckpt, _ = run
+    export_main([f"ckpt={ckpt}", f"out={tmp_path}", "format=onnx", "onnx.single_mask=true"])
+    encoder = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"))
+    decoder = onnxruntime.InferenceSession(str(tmp_path / "decoder.onnx"))
+    image, _ = example()
+    predictor, pixels = preprocessed(task.sam, image)
+    (embedding,) = encoder.run(None, {"image": pixels.numpy()})
+    coords = predictor.transform.apply_coords(np.array([[60.0, 50.0]]), image.shape[:2])
+    with torch.no_grad():
+        _, their_iou, their_low = predictor.predict_torch(
+            torch.as_tensor(coords, dtype=torch.float32)[None],
+            torch.ones(1, 1),
+            multimask_output=True,
+        )
+    feed = decoder_feed(embedding, np.vstack([coords, [[0, 0]]]), [1, -1], image.shape)
+    masks, iou, low = decoder.run(None, feed)
+    best = int(their_iou[0].argmax())  # one click: the ambiguity mask of highest predicted IoU
+    assert masks.shape == (1, 1, 200, 256) and low.shape == (1, 1, 64, 64)
+    assert np.abs(iou[0, 0] - their_iou[0, best].item()) < 1e-4
+    assert np.abs(low[0, 0] - their_low[0, best].numpy()).max() < 1e-4
+
+
+def hf_outputs(folder: Path, pixels: torch.Tensor, boxes: torch.Tensor):
+    model, info = transformers.SamModel.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == info["mismatched_keys"] == set()
+    with torch.no_grad():
+        out = model.eval()(pixel_values=pixels, input_boxes=boxes[None], multimask_output=False)
+    return out.pred_masks[0], out.iou_scores[0]  # [K, 1, h, w], [K, 1]
+
+
+def perturbed(sam):
+    """`sam` with noise on every weight: no zero relative-position table, no unit LayerNorm left
+    whose swap with another would go unseen, and logits of a real scale."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return sam.eval()
+
+
+def check_hf_round_trip(sam, name: str, folder: Path, image: np.ndarray, boxes: torch.Tensor):
+    """transformers' SamModel from `folder` answers as SamPredictor; build_sam reads it back."""
+    predictor, pixels = preprocessed(sam, image)
+    boxes = predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
+    with torch.no_grad():
+        _, iou, low_res = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    hf_low, hf_iou = hf_outputs(folder, pixels, boxes)
+    assert hf_low.shape == low_res.shape
+    assert (hf_low - low_res).abs().max() < 1e-4
+    assert (hf_iou - iou).abs().max() < 1e-4
+    assert low_res.abs().max() > 0.25  # 1e-4 is then a small fraction of the logits' scale
+    back = build_sam(name, checkpoint=folder)
+    expected, state = sam.state_dict(), back.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_hf_folder_equals_sam_predictor_and_reads_back_exactly(run, tmp_path):
+    task, ckpt, strategy = run
+    out = tmp_path / "hf"
+    if strategy == "adapter":
+        with pytest.raises(UserError, match="format=hf cannot hold the AdapterStrategy"):
+            export_checkpoint(ckpt, out, format="hf")
+        return
+    export_main([f"ckpt={ckpt}", f"out={out}", "format=hf"])
+    names = {"config.json", "model.safetensors", "processor_config.json"}
+    assert {p.name for p in out.iterdir()} == names
+    merged = build_sam_architecture("tiny")
+    merged.load_state_dict(torch.load(export_checkpoint(ckpt, tmp_path / "m.pth")), strict=True)
+    image, sample = example()
+    check_hf_round_trip(merged, "tiny", out, image, sample["boxes"])
+    # ... and the merged model is the trained one (LoRA and all)
+    low_res, _ = task_outputs(task, sample)
+    _, _, merged_low = predictor_outputs(merged, image, sample)
+    assert (merged_low - low_res).abs().max() < 1e-4
+    processor = transformers.SamProcessor.from_pretrained(out)
+    inputs = processor(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 256, 256)
+    assert inputs["reshaped_input_sizes"].tolist() == [[200, 256]]
+
+
+def test_hf_folder_of_a_perturbed_tiny_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    sam = perturbed(build_sam_architecture("tiny"))
+    folder = write_hf_folder(sam.state_dict(), MODEL_SPECS["tiny"], tmp_path / "hf")
+    image = np.random.default_rng(0).integers(0, 256, size=(150, 220, 3), dtype=np.uint8)
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0], [100.0, 5.0, 210.0, 90.0]])
+    check_hf_round_trip(sam, "tiny", folder, image, boxes)
+
+
+def test_hf_key_mapping_is_transformers_state_dict() -> None:
+    spec = MODEL_SPECS["tiny"]
+    ours = set(sam_to_hf_state_dict(build_sam_architecture("tiny").state_dict()))
+    theirs = set(transformers.SamModel(hf_config(spec)).state_dict())
+    assert theirs - ours == {HF_TIED_KEY} and ours <= theirs
+    assert len(ours) == len(build_sam_architecture("tiny").state_dict())  # one to one
+
+
+def test_hf_folder_mistakes_are_named(tmp_path) -> None:
+    torch.manual_seed(0)
+    folder = write_hf_folder(
+        build_sam_architecture("tiny").state_dict(), MODEL_SPECS["tiny"], tmp_path / "hf"
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is a folder without config.json"):
+        build_sam("tiny", checkpoint=tmp_path / "empty")
+    with pytest.raises(UserError, match="holds a tiny model but the model is vit_b"):
+        build_sam("vit_b", checkpoint=folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="closest is tiny, which differs in encoder_depth=5"):
+        build_sam("tiny", checkpoint=folder)
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "sam2"}))
+    with pytest.raises(UserError, match="model_type is 'sam2', expected 'sam'"):
+        build_sam("tiny", checkpoint=folder)
+    config["vision_config"]["num_hidden_layers"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="has no model.safetensors"):
+        build_sam("tiny", checkpoint=folder)
 
 
 # -------------------------------------------------------------------------------------- slow
@@ -260,3 +482,14 @@ def test_vit_b_lora_checkpoint_sizes(tmp_path):
     assert sizes["full"] > 375
     assert sizes["trainable_weights"] < 25
     assert sizes["trainable"] < 60  # AdamW keeps two moments per trained weight
+
+
+@pytest.mark.slow
+def test_hf_folder_of_a_vit_b_shaped_random_model(tmp_path):
+    """The official size's layout (12 blocks, 1024 px, 256-channel decoder) maps one to one too."""
+    torch.manual_seed(0)
+    sam = perturbed(build_sam_architecture("vit_b"))
+    folder = write_hf_folder(sam.state_dict(), MODEL_SPECS["vit_b"], tmp_path / "hf")
+    image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    boxes = torch.tensor([[40.0, 60.0, 300.0, 400.0], [350.0, 100.0, 600.0, 300.0]])
+    check_hf_round_trip(sam, "vit_b", folder, image, boxes)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from segment_anything import SamPredictor
 
 import sam_lightning
+from sam_lightning.export import main as export_main
 from sam_lightning.model.specs import build_sam_architecture
+from sam_lightning.pipelines.export import export_checkpoint
 from tests.conftest import fit_steps, tiny_task
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,8 +35,14 @@ def readme_files(tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.Monke
     return tmp_path
 
 
+def snippet_with(text: str) -> str:
+    """The README's one Python block that contains `text`."""
+    (snippet,) = [s for s in python_snippets() if text in s]
+    return snippet
+
+
 def test_readme_python_runs_as_written(readme_files: Path) -> None:
-    (snippet,) = python_snippets()
+    snippet = snippet_with("SamTask.load_from_checkpoint")
     scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     assert isinstance(scope["predictor"], SamPredictor)
@@ -44,3 +53,18 @@ def test_readme_python_runs_as_written(readme_files: Path) -> None:
     assert all(torch.equal(v, trained[k]) for k, v in scope["sam"].state_dict().items())
     assert isinstance(scope["task"], sam_lightning.SamTask)
     assert all(torch.equal(v, trained[k]) for k, v in scope["task"].sam.state_dict().items())
+
+
+def test_readme_export_formats_load_as_written(readme_files: Path) -> None:
+    """The export section's lines, against folders the export CLI wrote from a run."""
+    ckpt = readme_files / "last.ckpt"
+    export_main([f"ckpt={ckpt}", "out=sam_onnx", "format=onnx"])
+    export_main([f"ckpt={ckpt}", "out=sam_hf", "format=hf"])
+    scope: dict = {}
+    exec(compile(snippet_with("onnxruntime"), "README.md", "exec"), scope)
+    assert [i.name for i in scope["encoder"].get_inputs()] == ["image"]
+    assert scope["decoder"].get_outputs()[2].name == "low_res_masks"
+    assert isinstance(scope["model"], transformers.SamModel)
+    merged = torch.load(export_checkpoint(ckpt, readme_files / "merged.pth"), weights_only=True)
+    state = scope["sam"].state_dict()
+    assert state.keys() == merged.keys() and all(torch.equal(state[k], merged[k]) for k in merged)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sam_lightning"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 #: imports allowed inside functions: optional dependencies a user may not have installed
-OPTIONAL_DEPENDENCIES: set[str] = set()
+OPTIONAL_DEPENDENCIES: set[str] = {"onnx"}
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:

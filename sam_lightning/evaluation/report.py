@@ -38,9 +38,35 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
                 continue
             cells = [f"{runs[lab].get('noc', {}).get(key, float('nan')):.2f}" for lab in labels]
             lines.append(f"| {key.replace('noc', 'NoC@')} | " + " | ".join(cells) + " |")
+    if "amg" in first:
+        lines += ["", *amg_table(runs)]
     counts = ", ".join(f"{lab}: {runs[lab]['instances']}" for lab in labels)
     lines += ["", f"Instances evaluated: {counts}."]
     return "\n".join(lines) + "\n"
+
+
+#: eval.md's rows of the automatic-mask table: key, label, format
+AMG_ROWS = (
+    ("recall50", "recall@0.5", "{:.4f}"),
+    ("recall75", "recall@0.75", "{:.4f}"),
+    ("mean_best_iou", "mean best IoU", "{:.4f}"),
+    ("masks_per_image", "generated masks per image", "{:.2f}"),
+    ("images_without_masks", "images without any mask", "{:d}"),
+)
+
+
+def amg_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """eval.md's `SamAutomaticMaskGenerator` table: one column per evaluated model."""
+    labels = list(runs)
+    heads = ["value"] if len(labels) == 1 else labels
+    lines = [
+        "| automatic masks (best match per instance) | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(heads),
+    ]
+    for key, name, fmt in AMG_ROWS:
+        cells = [fmt.format(runs[lab]["amg"][key]) if "amg" in runs[lab] else "-" for lab in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_curves(

@@ -8,7 +8,10 @@ Kinds of file (`CheckpointInfo.kind`):
 - `delta`: the same wrapper holding only what trained, put on top of its base weights;
 - `lightning`: a Lightning checkpoint of `SamTask` (every weight under `sam.`);
 - `trainable_only`: a Lightning checkpoint without the frozen weights, which come back from the
-  base checkpoint the run started from (`model.checkpoint`).
+  base checkpoint the run started from (`model.checkpoint`);
+- `hf`: a folder of transformers' `SamModel.save_pretrained` (`config.json` +
+  `model.safetensors`, e.g. a model fine-tuned with transformers), its names mapped back to
+  segment-anything's (`sam_lightning.model.hf`).
 
 `read_checkpoint` tells the kinds apart, `load_sam` turns any of them into the `Sam` that was
 trained, and the model size is checked once, in `check_model_size`.
@@ -24,6 +27,13 @@ import torch
 from segment_anything.modeling import Sam
 
 from sam_lightning.errors import UserError
+from sam_lightning.model.hf import (
+    HF_CONFIG,
+    hf_to_sam_state_dict,
+    is_hf_folder,
+    read_hf_config,
+    read_hf_weights,
+)
 from sam_lightning.model.specs import (
     MODEL_SPECS,
     build_sam_architecture,
@@ -32,7 +42,7 @@ from sam_lightning.model.specs import (
 )
 from sam_lightning.model.strategies import instantiate_strategy
 
-CHECKPOINT_KINDS = ("official", "export", "delta", "lightning", "trainable_only")
+CHECKPOINT_KINDS = ("official", "export", "delta", "lightning", "trainable_only", "hf")
 #: the key of our export wrapper (`{EXPORT_KEY: meta, "state_dict": ...}`)
 EXPORT_KEY = "sam_lightning"
 #: set in a Lightning checkpoint whose frozen weights were left out
@@ -100,13 +110,20 @@ def describe_checkpoint(
 def read_checkpoint(
     path: str | Path, expected: str | None = None
 ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Read a checkpoint file of any kind: its SAM state dict and `CheckpointInfo`.
+    """Read a checkpoint of any kind: its SAM state dict and `CheckpointInfo`.
 
     Args:
-        path: the file.
+        path: the file, or a transformers `SamModel` folder.
         expected: the size the caller wants; a missing official file then names its download.
     """
     path = Path(path)
+    if is_hf_folder(path):
+        return read_hf_checkpoint(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder without {HF_CONFIG}: expected a checkpoint file or a "
+            "transformers SamModel folder (config.json + model.safetensors)"
+        )
     if not path.is_file():
         hint = ""
         spec = MODEL_SPECS.get(expected or "")
@@ -124,6 +141,15 @@ def read_checkpoint(
     except Exception as err:  # a truncated file, a pickle of arbitrary objects, not a checkpoint
         raise UserError(f"cannot read checkpoint {path}: {err}") from None
     return describe_checkpoint(raw, path)
+
+
+def read_hf_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """A transformers `SamModel` folder as a segment-anything state dict, and its size."""
+    _, name = read_hf_config(folder)
+    with torch.device("meta"):  # only the names of the Sam the tensors go into: no allocation
+        keys = list(build_sam_architecture(name).state_dict())
+    state = hf_to_sam_state_dict(read_hf_weights(folder), keys, folder)
+    return state, CheckpointInfo(str(folder), "hf", name)
 
 
 def checkpoint_model_size(path: str | Path, default: str | None = None) -> str | None:
@@ -173,7 +199,7 @@ def _base_checkpoint(info: CheckpointInfo, override: str | Path | None = None) -
             f"{info.path} holds only the trained delta of a {info.model} model: pass the base "
             f"weights (base_checkpoint=<path to the {info.model} checkpoint it was trained from>)"
         )
-    if base is None or not Path(base).is_file():
+    if base is None or not Path(base).exists():
         raise UserError(
             f"{info.path} holds only the trained weights; its frozen weights come from "
             f"model.checkpoint={base}, which is not a file: put the {info.model} base "
@@ -204,7 +230,8 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> tuple[Sam, Che
     they name.
 
     Args:
-        path: an official file, an export, a delta, or a Lightning checkpoint of a run.
+        path: an official file, an export, a delta, a Lightning checkpoint of a run, or a
+            transformers `SamModel` folder.
         name: the size the caller expects (`model=`); None takes the size the file holds.
     """
     if name is not None:
@@ -256,7 +283,8 @@ def load_delta_export(
 def build_sam(name: str, checkpoint: str | Path | None = None) -> Sam:
     """A `Sam` of size `name` (`tiny`, `vit_b`, `vit_l`, `vit_h`), with weights from `checkpoint`.
 
-    `checkpoint` may be any kind `load_sam` reads; without one the weights are random.
+    `checkpoint` may be any kind `load_sam` reads (a file, or a transformers `SamModel` folder);
+    without one the weights are random.
     """
     if checkpoint is None:
         return build_sam_architecture(name)

@@ -3,6 +3,8 @@
 Each checkpoint (and the `baseline`, if any) is loaded into a `SamTask` whose test step runs
 the SAM paper's protocols (`cfg.protocol`), and `Trainer.test` runs it over the split: the very
 step validation runs during training, so a run's `val/<protocol>/iou` and these figures agree.
+With `protocol.amg=true`, segment-anything's `SamAutomaticMaskGenerator` then runs with the same
+weights over the same split (`sam_lightning.evaluation.amg`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from segment_anything import SamAutomaticMaskGenerator
 from torch.utils.data import DataLoader
 
 from sam_lightning.config import plain
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.errors import UserError
 from sam_lightning.evaluation.aggregate import results_table
+from sam_lightning.evaluation.amg import measure_amg
 from sam_lightning.evaluation.protocol import ProtocolConfig
 from sam_lightning.evaluation.report import curve_labels, markdown_table, plot_curves
 from sam_lightning.lightning.task import SamTask
@@ -29,6 +34,15 @@ from sam_lightning.pipelines.fit import build_loggers
 
 #: `device=` of conf/evaluate.yaml -> Lightning's accelerator
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
+
+
+def protocol_settings(cfg: Any) -> tuple[dict[str, Any], bool]:
+    """`cfg.protocol` split into the prompt protocols (`ProtocolConfig`) and the `amg` switch."""
+    protocol = dict(plain(cfg.protocol))
+    amg = protocol.pop("amg", False)
+    if not isinstance(amg, bool):
+        raise UserError(f"protocol.amg must be true or false, got {amg!r}")
+    return protocol, amg
 
 
 def evaluation_task(ckpt: str | Path, cfg: Any) -> SamTask:
@@ -42,7 +56,7 @@ def evaluation_task(ckpt: str | Path, cfg: Any) -> SamTask:
     task = SamTask(
         model={**model, "checkpoint": str(ckpt)},
         loss=plain(cfg.loss),
-        evaluation=plain(cfg.protocol),
+        evaluation=protocol_settings(cfg)[0],
     )
     return task.eval().requires_grad_(False)
 
@@ -89,13 +103,22 @@ def run_protocols(task: SamTask, loader: DataLoader, cfg: Any) -> dict[str, Any]
     return {"device": device, **results_table(values, task.eval_protocol)}
 
 
+def run_amg(task: SamTask, loader: DataLoader, cfg: Any, device: str) -> dict[str, Any]:
+    """`SamAutomaticMaskGenerator` (settings: `cfg.amg`) with `task`'s weights over `loader`."""
+    sam = task.sam.to(torch.device(device)).eval()
+    generator = SamAutomaticMaskGenerator(sam, **plain(cfg.amg))
+    with torch.no_grad():
+        return measure_amg(generator.generate, loader, cfg.get("max_batches"))
+
+
 def evaluate_from_config(cfg: Any) -> dict[str, Any]:
     """Everything `python -m sam_lightning.evaluate` does, from a composed config.
 
     Writes eval.json, eval.md and eval.png into `cfg.paths.output_dir`, prints the table, sends
     table and plot to the configured loggers, and returns what eval.json holds.
     """
-    ProtocolConfig.from_dict(plain(cfg.protocol))  # a wrong key is named before any model loads
+    protocol, amg = protocol_settings(cfg)
+    ProtocolConfig.from_dict(protocol)  # a wrong key is named before any model loads
     split = str(cfg.split)
     models = {"model": cfg.ckpt}
     if cfg.get("baseline"):
@@ -109,6 +132,8 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any]:
         if task.image_size not in loaders:
             loaders[task.image_size] = split_loader(cfg, task.image_size)
         results = run_protocols(task, loaders[task.image_size], cfg)
+        if amg:
+            results["amg"] = run_amg(task, loaders[task.image_size], cfg, results["device"])
         report[role] = {"ckpt": str(ckpt), "model": task.hparams["model"]["name"], **results}
         runs[labels[role]] = results
         del task
@@ -149,6 +174,10 @@ def log_evaluation(loggers: list[Logger], runs: dict[str, dict[str, Any]], plot:
                     f"eval/{label}/{n}/miou": r["miou"] for n, r in results["protocols"].items()
                 }
                 logger.log_metrics(flat, step=0)
+        for label, results in runs.items():  # automatic masks: figures for every logger
+            if "amg" in results:
+                amg = {f"eval/{label}/amg/{k}": float(v) for k, v in results["amg"].items()}
+                logger.log_metrics(amg, step=0)
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
