@@ -107,8 +107,10 @@ def test_worker_processes_give_the_same_result() -> None:
     alone, pooled = check_dataset(ds, "train"), check_dataset(ds, "train", workers=2)
     assert pooled.valid == alone.valid and len(alone.valid) == 300 - 45
     assert pooled.problems == alone.problems  # same problems, in item order
-    pids = {p.detail for p in check_dataset(PidDataset("x", 200, {}), "train", 2).problems}
+    pids = {p.detail for p in check_dataset(PidDataset("x", 300, {}), "train", 2).problems}
     assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2  # checked in the workers
+    few = check_dataset(PidDataset("x", validation.MIN_FOR_WORKERS - 1, {}), "train", 2)
+    assert {p.detail for p in few.problems} == {str(os.getpid())}  # not worth starting them
 
 
 class FileDataset:

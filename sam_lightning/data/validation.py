@@ -57,6 +57,10 @@ VERDICT_FORMAT = 1
 #: samples per task sent to a worker: large enough that the hand-over costs little, small
 #: enough that the workers finish together and the progress bar moves
 CHUNK = 32
+#: fewer samples to check than this are checked in this process: starting the worker processes
+#: cost more than they saved on 200 samples on this project's shared 2-vCPU machine
+#: (experiments/RESULTS_validation.md)
+MIN_FOR_WORKERS = 8 * CHUNK
 
 #: (kind, path, detail) of a problem or a correction
 Entry = tuple[str, str, str]
@@ -333,7 +337,7 @@ def _checks(
 ) -> Iterator[list[tuple[int, Verdict]]]:
     """Verdicts of `indices`, a chunk at a time: in this process, or in `workers` DataLoader
     worker processes (the loader's own start method and pickling rules)."""
-    if workers <= 0 or len(indices) <= CHUNK:
+    if workers <= 0 or len(indices) < MIN_FOR_WORKERS:
         for start in range(0, len(indices), CHUNK):
             yield [(i, run_check(dataset, i)) for i in indices[start : start + CHUNK]]
         return
@@ -356,7 +360,8 @@ def check_dataset(
     Args:
         dataset: what to check.
         split: its name, in reports and in the cache key.
-        workers: worker processes (0: in this process).
+        workers: worker processes (0, or fewer than `MIN_FOR_WORKERS` samples to check: in
+            this process).
         cache_dir: the verdict cache's folder; None checks everything.
         progress: a progress bar on stderr; None shows it only on a terminal.
     """
