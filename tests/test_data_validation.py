@@ -296,4 +296,9 @@ def test_datamodule_remembers_verdicts_in_the_data_dir(tmp_path: Path, data_dir:
     mask.write_bytes(good)
     third = setup()
     assert third.from_cache == {"train": 3, "val": 2} and third.ok
-    assert len(list((data_dir / "validation_cache").glob("train-*.json"))) == 1
+    stored = [
+        json.loads(path.read_text())
+        for path in (data_dir / "validation_cache").glob("train-*.json")
+    ]
+    ours = [s for s in stored if s["key"]["settings"].get("root") == str(root.resolve())]
+    assert len(ours) == 1 and len(ours[0]["verdicts"]) == 4  # one file per dataset and split

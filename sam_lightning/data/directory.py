@@ -266,8 +266,10 @@ class DirectoryDataset(Dataset):
         return [self.images[index], self.masks[index]]
 
     def check_settings(self) -> dict[str, Any]:
-        """Everything besides the files that decides a verdict of `check`."""
+        """Everything besides the files that decides a verdict of `check`, and the folder: the
+        verdicts of two datasets with the same settings live in two files."""
         return {
+            "root": str(self.root.resolve()),
             "mask_format": self.mask_format,
             "classes": self.classes,
             "ignore_index": self.ignore_index,

@@ -17,8 +17,8 @@ run of an unchanged dataset only looks at file sizes and times
 The verdict cache's key. One JSON file per split under the folder, named by a digest of
     - `VERDICT_FORMAT` and the readers: `io.READER_VERSION`, Pillow, OpenCV, pycocotools;
     - the dataset: its class, the split, and its `check_settings()` (directory: mask format,
-      classes, ignore index, number of classes; COCO: the annotation file's path, size and
-      mtime, image folder, category filter, crowd and area settings);
+      classes, ignore index, number of classes, its folder; COCO: the annotation file's path,
+      size and mtime, image folder, category filter, crowd and area settings);
 and in it one entry per sample (by `item_name`) holding the (path, size in bytes, mtime in ns)
 of every file its check read (`check_files()`: the image and its mask) and the verdict. An entry
 is used only while every one of those files is unchanged; a different setting or reader version
