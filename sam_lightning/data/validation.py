@@ -332,12 +332,17 @@ def _as_is(chunk: list[tuple[int, Verdict]]) -> list[tuple[int, Verdict]]:
     return chunk
 
 
+def uses_workers(count: int, workers: int) -> bool:
+    """Whether checking `count` samples starts `workers` worker processes."""
+    return workers > 0 and count >= MIN_FOR_WORKERS
+
+
 def _checks(
     dataset: CheckableDataset, indices: list[int], workers: int
 ) -> Iterator[list[tuple[int, Verdict]]]:
     """Verdicts of `indices`, a chunk at a time: in this process, or in `workers` DataLoader
     worker processes (the loader's own start method and pickling rules)."""
-    if workers <= 0 or len(indices) < MIN_FOR_WORKERS:
+    if not uses_workers(len(indices), workers):
         for start in range(0, len(indices), CHUNK):
             yield [(i, run_check(dataset, i)) for i in indices[start : start + CHUNK]]
         return
@@ -452,12 +457,15 @@ def validate_splits(
         report.corrections.extend(result.corrections)
         report.from_cache[split] = result.from_cache
     report.seconds = time.perf_counter() - started
+    total, reused = sum(report.checked.values()), sum(report.from_cache.values())
+    pooled = any(uses_workers(report.checked[s] - report.from_cache[s], workers) for s in datasets)
     log.info(
-        "data check: %d samples in %.1f s (%d verdicts from the validation cache, %s)",
-        sum(report.checked.values()),
+        "data check: %d samples in %.1f s (%d verdicts from the validation cache, %d checked %s)",
+        total,
         report.seconds,
-        sum(report.from_cache.values()),
-        f"{workers} worker processes" if workers > 0 else "in this process",
+        reused,
+        total - reused,
+        f"in {workers} worker processes" if pooled else "in this process",
     )
     if report.ok:
         return dict(datasets), report
