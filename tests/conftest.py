@@ -51,6 +51,15 @@ settings.register_profile("explore", settings.get_profile("dev"), max_examples=5
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`paths.data_dir` of every composed config and CLI run (the caches the YAML puts there,
+    such as `data.validation_cache`): a session folder, never the checkout."""
+    path = tmp_path_factory.mktemp("data_dir")
+    os.environ["SAM_LIGHTNING_DATA"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic directory dataset (16 train, 8 val images), written once per session."""

@@ -92,7 +92,7 @@ def test_category_filter_and_min_area(coco_root: Path) -> None:
 
 
 def test_unknown_category_lists_the_available_ones(coco_root: Path) -> None:
-    with pytest.raises(UserError, match=r"instances_train\.json.*'cat'.*\['blob', 'shape'\]"):
+    with pytest.raises(UserError, match=r"'cat'.*instances_train\.json.*\['blob', 'shape'\]"):
         CocoInstances(coco_root, "train", image_size=160, categories=["cat"])
 
 

@@ -163,7 +163,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["model.checkpoint=/nowhere/sam_tiny.pth"], "checkpoint not found: /nowhere/sam_tiny.pth"),
         (
             ["data=directory", "data.root=/nowhere/data"],
-            "no images found under data.root=/nowhere/data",
+            "data.root=/nowhere/data does not exist",
         ),
         (["strategy=no_such_strategy"], "no_such_strategy"),
     ],

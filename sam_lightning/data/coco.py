@@ -4,6 +4,12 @@ Annotations are decoded with pycocotools (polygons, compressed and uncompressed 
 masks are exactly those of `COCO.annToMask`. Crowd regions are not objects a prompt can
 select, so they are left out unless asked for; images left without any annotation are not
 samples at all (an empty sample would train nothing and evaluate nothing) and are counted.
+
+What the data check reports (`check`, `dataset_problems`): a polygon with fewer than 3 points
+(it encloses nothing; pycocotools would read 4 numbers as a box), an annotation whose
+`image_id` is no image of the file, a json size that differs from the image file. A polygon or
+`bbox` reaching outside its image is clipped to it (pycocotools rasterises inside the image
+only, and boxes are recomputed from the masks) and counted as a correction.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +32,15 @@ from torch.utils.data import Dataset
 from sam_lightning.data.augment import prepare_sample
 from sam_lightning.data.io import (
     BAD_ANNOTATION,
+    CLIPPED,
+    DEGENERATE_POLYGON,
     NO_INSTANCES,
+    ORPHAN_ANNOTATION,
     SIZE_MISMATCH,
+    Correction,
     InvalidSample,
     read_image,
+    verify_image,
 )
 from sam_lightning.data.sample import Augment
 from sam_lightning.data.synthetic import make_synthetic_image
@@ -41,7 +53,7 @@ def load_coco(annotation_file: str | Path) -> COCO:
     if not path.is_file():
         raise UserError(
             f"COCO annotation file not found: {path}. Expected annotations/instances_<split>.json "
-            "under data.root, or set data.annotation_file"
+            "under data.root, or set data.coco.annotation_files.<split>=<path>"
         )
     try:
         data = json.loads(path.read_text())
@@ -61,14 +73,62 @@ def load_coco(annotation_file: str | Path) -> COCO:
     return coco
 
 
+class AnnotationError(ValueError):
+    """One annotation cannot become a mask; `kind` groups it in the validation report."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        super().__init__(detail)
+
+
+def check_polygons(segm: list[Any]) -> None:
+    """Raise `AnnotationError` unless every polygon is a flat list of >= 3 (x, y) points."""
+    if not segm:
+        raise AnnotationError(DEGENERATE_POLYGON, "segmentation is an empty list of polygons")
+    for k, polygon in enumerate(segm):
+        if not isinstance(polygon, list) or not all(
+            isinstance(v, int | float) and math.isfinite(v) for v in polygon
+        ):
+            raise AnnotationError(BAD_ANNOTATION, f"polygon {k} is not a flat list of numbers")
+        if len(polygon) % 2:
+            raise AnnotationError(
+                BAD_ANNOTATION, f"polygon {k} has {len(polygon)} numbers; expected x, y pairs"
+            )
+        if len(polygon) < 6:
+            raise AnnotationError(
+                DEGENERATE_POLYGON,
+                f"polygon {k} has {len(polygon) // 2} point(s); a polygon needs at least 3 "
+                "(x, y) points to enclose an area: fix or delete the annotation",
+            )
+
+
+def reaches_outside(ann: dict[str, Any], height: int, width: int) -> bool:
+    """Whether an annotation's polygon points or `bbox` lie outside the image (pixel edges
+    0..width, 0..height); its mask is clipped to the image either way."""
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):
+        for polygon in segm:
+            xs, ys = polygon[0::2], polygon[1::2]
+            if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
+                return True
+    box = ann.get("bbox")
+    if isinstance(box, list) and len(box) == 4:
+        x, y, w, h = (float(v) for v in box)
+        return x < 0 or y < 0 or x + w > width or y + h > height
+    return False
+
+
 def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
-    """Decode one annotation's segmentation (polygons, RLE or uncompressed RLE) to bool [H, W]."""
+    """Decode one annotation's segmentation (polygons, RLE or uncompressed RLE) to bool [H, W].
+
+    Raises:
+        AnnotationError: a polygon has fewer than 3 points or is malformed.
+        ValueError: an RLE of another size, or neither polygons nor RLE.
+    """
     segm = ann["segmentation"]
     if isinstance(segm, list):
-        polygons = [p for p in segm if len(p) >= 6]  # fewer than 3 points enclose nothing
-        if not polygons:
-            return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        check_polygons(segm)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
         rle = mask_utils.frPyObjects(segm, height, width)
     elif isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes):
@@ -76,7 +136,10 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
         if isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode("ascii")
     else:
-        raise ValueError("segmentation is neither polygons nor RLE")
+        raise ValueError(
+            "segmentation is neither polygons [[x, y, ...]] nor an RLE {size, counts}: fix or "
+            "delete the annotation"
+        )
     size = tuple(rle.get("size", (height, width)))
     if size != (height, width):
         raise ValueError(f"RLE size {list(size)} differs from the image's {height}x{width}")
@@ -124,10 +187,12 @@ class CocoInstances(Dataset):
         if not self.image_dir.is_dir():
             raise UserError(
                 f"COCO image folder not found: {self.image_dir}. Expected images/{split}/ under "
-                f"data.root={self.root}, or set data.image_dir"
+                f"data.root={self.root}, or set data.coco.image_dirs.{split}=<folder>"
             )
         self.coco = load_coco(self.annotation_file)
         self.category_ids = self._category_ids(categories)
+        self.include_crowd = include_crowd
+        self.min_area = min_area
         self.image_ids: list[int] = []
         self.annotations: dict[int, list[dict[str, Any]]] = {}
         self.skipped = {"crowd": 0, "category": 0, "small": 0}
@@ -141,11 +206,14 @@ class CocoInstances(Dataset):
                 self.image_ids.append(image_id)
                 self.annotations[image_id] = kept
         self.num_images_without_objects = len(self.coco.imgs) - len(self.image_ids)
+        self.orphan_annotations = [
+            a for a in self.coco.dataset["annotations"] if a.get("image_id") not in self.coco.imgs
+        ]
         if not self.image_ids:
             raise UserError(
                 f"{self.annotation_file}: none of its {len(self.coco.imgs)} images has a usable "
-                f"annotation (left out: {self.skipped}); check data.categories, data.min_area "
-                "and data.include_crowd"
+                f"annotation (left out: {self.skipped}); check data.coco.categories, "
+                "data.coco.min_area and data.coco.include_crowd"
             )
 
     def _category_ids(self, names: Sequence[str] | None) -> set[int] | None:
@@ -155,8 +223,8 @@ class CocoInstances(Dataset):
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise UserError(
-                f"{self.annotation_file}: unknown categories {unknown} in data.categories; "
-                f"available: {sorted(by_name)}"
+                f"data.coco.categories names {unknown}, which {self.annotation_file} does not "
+                f"have; its categories are {sorted(by_name)}: use names from these, or null for all"
             )
         return {by_name[n] for n in names}
 
@@ -204,6 +272,12 @@ class CocoInstances(Dataset):
         for k, ann in enumerate(self.annotations[image_id]):
             try:
                 masks[k] = annotation_mask(ann, height, width)
+            except AnnotationError as err:
+                raise InvalidSample(
+                    err.kind,
+                    self.image_path(index),
+                    f"annotation id {ann.get('id')} in {self.annotation_file}: {err}",
+                ) from None
             except (ValueError, TypeError, KeyError) as err:
                 raise InvalidSample(
                     BAD_ANNOTATION,
@@ -217,14 +291,57 @@ class CocoInstances(Dataset):
         image = read_image(self.image_path(index))
         return image, self.read_masks(index, *image.shape[:2])
 
-    def check(self, index: int) -> None:
-        """Raise `InvalidSample` if the image or its annotations cannot make a sample."""
-        image = read_image(self.image_path(index), strict=True)
-        masks = self.read_masks(index, *image.shape[:2])
+    def check(self, index: int) -> list[Correction]:
+        """Raise `InvalidSample` if the image or its annotations cannot make a sample; return
+        the annotations clipped to the image."""
+        height, width = verify_image(self.image_path(index))
+        masks = self.read_masks(index, height, width)
         if not masks.reshape(masks.shape[0], -1).any(axis=1).any():
             raise InvalidSample(
-                NO_INSTANCES, self.image_path(index), "every annotation decodes to an empty mask"
+                NO_INSTANCES,
+                self.image_path(index),
+                f"every annotation in {self.annotation_file} decodes to an empty mask; fix them "
+                "or delete the image's entry",
             )
+        return [
+            Correction(
+                CLIPPED,
+                str(self.image_path(index)),
+                f"annotation id {ann.get('id')}: polygon or bbox outside the {width}x{height} "
+                "image; its mask is the part inside",
+            )
+            for ann in self.annotations[self.image_ids[index]]
+            if reaches_outside(ann, height, width)
+        ]
+
+    def dataset_problems(self) -> list[InvalidSample]:
+        """Problems of the file that belong to no sample: annotations of an unknown image."""
+        known = f"{min(self.coco.imgs)}..{max(self.coco.imgs)}" if self.coco.imgs else "none"
+        return [
+            InvalidSample(
+                ORPHAN_ANNOTATION,
+                self.annotation_file,
+                f"annotation id {a.get('id')} has image_id {a.get('image_id')!r}, which is no "
+                f"image of the file (image ids {known}); fix its image_id or delete it",
+            )
+            for a in self.orphan_annotations
+        ]
+
+    def check_files(self, index: int) -> list[Path]:
+        """The files `check(index)` reads besides the json (which `check_settings` covers)."""
+        return [self.image_path(index)]
+
+    def check_settings(self) -> dict[str, Any]:
+        """Everything besides the image file that decides a verdict of `check`: the json (by
+        path, size and mtime: any edit re-checks the split) and the annotation filters."""
+        stat = self.annotation_file.stat()
+        return {
+            "annotation_file": [str(self.annotation_file), stat.st_size, stat.st_mtime_ns],
+            "image_dir": str(self.image_dir),
+            "categories": sorted(self.category_ids) if self.category_ids is not None else None,
+            "include_crowd": self.include_crowd,
+            "min_area": self.min_area,
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, masks = self.read(index)

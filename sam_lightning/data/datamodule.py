@@ -37,7 +37,10 @@ class SamDataModule(L.LightningDataModule):
             splits without an entry get resize and pad only.
         on_invalid: `error` stops before training with the report of every broken sample;
             `skip` trains on the rest and logs the counts.
-        validate: check every sample before the first step (turn off only for known data).
+        validate: check every sample before the first step (turn off only for known data),
+            in `num_workers` worker processes (`sam_lightning.data.validation`).
+        validation_cache: folder of the check's verdicts per file (path, size, mtime), so an
+            unchanged dataset is not checked again; None checks every sample every time.
         directory: `DirectoryDataset` options (mask_format, mask_suffix, classes, ...).
         coco: `CocoInstances` options (categories, include_crowd, min_area, and per-split
             `annotation_files` / `image_dirs`).
@@ -63,6 +66,7 @@ class SamDataModule(L.LightningDataModule):
         coco: Mapping[str, Any] | None = None,
         cache_embeddings: bool = False,
         cache_dir: str = "embedding_cache",
+        validation_cache: str | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -82,6 +86,7 @@ class SamDataModule(L.LightningDataModule):
         self.coco_cfg = dict(coco or {})
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
+        self.validation_cache = validation_cache
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -133,6 +138,7 @@ class SamDataModule(L.LightningDataModule):
         self.prepare_data()  # idempotent; also covers use outside a Trainer
         if self.datasets:
             return
+        self._check_root()
         splits = self._splits()
         missing = [s for s in ("train", "val") if s not in splits]
         if missing and self.splits is None:
@@ -143,15 +149,38 @@ class SamDataModule(L.LightningDataModule):
         datasets = {split: self.build_dataset(split) for split in splits}
         if self.validate:
             datasets, self.report = validate_splits(
-                datasets, self.on_invalid, num_threads=max(1, self.num_workers)
+                datasets, self.on_invalid, self.num_workers, self.validation_cache
             )
+            if self.report.corrections:
+                log.warning("%s", self.report.format_corrections())
             if not self.report.ok:
+                skipped = self.report.skipped()
                 log.warning(
-                    "data.on_invalid=skip: skipped %s\n%s",
-                    self.report.skipped(),
-                    self.report.format(),
+                    "data.on_invalid=skip: left out %d of %d samples (%s); per kind: %s\n%s",
+                    sum(skipped.values()),
+                    sum(self.report.checked.values()),
+                    ", ".join(f"{s}: {n}" for s, n in skipped.items()),
+                    ", ".join(f"{k}: {n}" for k, n in self.report.counts().items()),
+                    self.report.format(fix=False),
                 )
         self.datasets = datasets
+
+    def _check_root(self) -> None:
+        """A `data.root` that is no folder is named before anything looks inside it."""
+        if self.kind == "synthetic" or self.root.is_dir():
+            return
+        if self.kind == "coco" and self.coco_cfg.get("annotation_files"):
+            return  # every path may be explicit
+        where = "" if self.root.is_absolute() else f" (relative to {Path.cwd()})"
+        layout = (
+            "annotations/instances_<split>.json and images/<split>/"
+            if self.kind == "coco"
+            else "images/ and masks/"
+        )
+        raise UserError(
+            f"data.root={self.root} does not exist{where}; set data.root to the dataset "
+            f"folder, the one that holds {layout}"
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -28,11 +28,14 @@ from sam_lightning.data.io import (
     MASK_FORMATS,
     NO_INSTANCES,
     SIZE_MISMATCH,
+    Correction,
     InvalidSample,
+    has_instance,
     labels_to_masks,
     mask_labels,
     read_image,
     read_mask_array,
+    verify_image,
 )
 from sam_lightning.data.sample import Augment
 from sam_lightning.errors import UserError
@@ -162,7 +165,9 @@ class DirectoryDataset(Dataset):
         split_seed: int = 0,
     ) -> None:
         if mask_format not in MASK_FORMATS:
-            raise UserError(f"data.mask_format={mask_format!r}; expected one of {MASK_FORMATS}")
+            raise UserError(
+                f"data.directory.mask_format={mask_format!r}; expected one of {MASK_FORMATS}"
+            )
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
@@ -203,8 +208,8 @@ class DirectoryDataset(Dataset):
         out.masks = [self.masks[i] for i in indices]
         return out
 
-    def read_labels(self, index: int, image_shape: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
-        """Instance label map (0 background, 1..N) and the class id of each instance."""
+    def read_mask(self, index: int, image_shape: tuple[int, ...]) -> np.ndarray:
+        """The stored mask values of item `index`, which must cover its image pixel for pixel."""
         path = self.masks[index]
         array = read_mask_array(path)
         if array.shape[:2] != tuple(image_shape[:2]):
@@ -213,10 +218,20 @@ class DirectoryDataset(Dataset):
                 path,
                 f"mask is {array.shape[1]}x{array.shape[0]} but its image "
                 f"{self.images[index].name} is {image_shape[1]}x{image_shape[0]} (width x height, "
-                "after EXIF rotation); masks must cover their image pixel for pixel",
+                "after EXIF rotation); masks must cover their image pixel for pixel: re-export "
+                "the mask at its image's size",
             )
+        return array
+
+    def read_labels(self, index: int, image_shape: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
+        """Instance label map (0 background, 1..N) and the class id of each instance."""
         return mask_labels(
-            array, self.mask_format, path, self.classes, self.ignore_index, self.num_classes
+            self.read_mask(index, image_shape),
+            self.mask_format,
+            self.masks[index],
+            self.classes,
+            self.ignore_index,
+            self.num_classes,
         )
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,19 +240,41 @@ class DirectoryDataset(Dataset):
         labels, classes = self.read_labels(index, image.shape)
         return image, labels_to_masks(labels, len(classes))
 
-    def check(self, index: int) -> None:
+    def check(self, index: int) -> list[Correction]:
         """Raise `InvalidSample` unless image and mask load, agree in size, fit the format and
-        hold at least one instance."""
-        image = read_image(self.images[index], strict=True)
-        _, classes = self.read_labels(index, image.shape)
-        if not classes:
+        hold at least one instance; nothing is ever corrected here."""
+        array = self.read_mask(index, verify_image(self.images[index]))
+        if not has_instance(
+            array,
+            self.mask_format,
+            self.masks[index],
+            self.classes,
+            self.ignore_index,
+            self.num_classes,
+        ):
             raise InvalidSample(
                 NO_INSTANCES,
                 self.masks[index],
-                f"no object in a {self.mask_format} mask"
+                f"no object in this {self.mask_format} mask"
                 + (f" of classes {self.classes}" if self.classes is not None else "")
                 + "; remove the image or its empty mask",
             )
+        return []
+
+    def check_files(self, index: int) -> list[Path]:
+        """The files `check(index)` reads: its verdict stands while they are unchanged."""
+        return [self.images[index], self.masks[index]]
+
+    def check_settings(self) -> dict[str, Any]:
+        """Everything besides the files that decides a verdict of `check`, and the folder: the
+        verdicts of two datasets with the same settings live in two files."""
+        return {
+            "root": str(self.root.resolve()),
+            "mask_format": self.mask_format,
+            "classes": self.classes,
+            "ignore_index": self.ignore_index,
+            "num_classes": self.num_classes,
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = read_image(self.images[index])

@@ -16,6 +16,7 @@ Mask formats:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,9 @@ from sam_lightning.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MASK_FORMATS = ("binary", "components", "instance", "semantic")
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
+#: bump when what a check accepts, refuses or corrects changes: the validation cache then re-checks
+#: every sample (`sam_lightning.data.validation`)
+READER_VERSION = 1
 
 # kinds of problems a sample can have; validation counts them under these names
 BAD_IMAGE = "image does not decode"
@@ -38,6 +42,10 @@ BAD_MASK_VALUES = "mask values do not fit the format"
 LOSSY_MASK = "mask saved in a lossy format"
 NO_INSTANCES = "no instance"
 BAD_ANNOTATION = "annotation does not decode"
+DEGENERATE_POLYGON = "polygon with fewer than 3 points"
+ORPHAN_ANNOTATION = "annotation of no image"
+# a correction, not a problem: the sample is used, and the report counts it
+CLIPPED = "annotation reaches outside its image (clipped to it)"
 
 
 class InvalidSample(DataError):
@@ -48,6 +56,16 @@ class InvalidSample(DataError):
         self.path = str(path)
         self.detail = detail
         super().__init__(f"{path}: {kind}: {detail}")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A sample that is used after a fix the reader made (an annotation clipped to its image);
+    `check` returns these and the validation report counts them by `kind`."""
+
+    kind: str
+    path: str
+    detail: str
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -178,6 +196,45 @@ def image_size_of(path: str | Path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def verify_image(path: str | Path) -> tuple[int, int]:
+    """(height, width) after EXIF orientation of an image that decodes completely.
+
+    What validation needs from an image, as strict as `read_image(strict=True)` (the same files
+    refused, with the same kinds) but without the pixel conversions a training sample needs.
+    JPEGs decode at 1/8 scale: libjpeg still entropy-decodes every byte, so a truncated or
+    corrupt file fails exactly as in a full decode, and only the inverse DCT gets cheaper.
+
+    Raises:
+        InvalidSample: the file is missing or does not decode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSample(MISSING_IMAGE, path, "no such file; check data.root and the file names")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+            if img.format == "JPEG":
+                img.draft(None, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        # the TIFFs Pillow cannot open go through OpenCV, as in `read_image`
+        array = _read_with_opencv(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        if array is None:
+            raise InvalidSample(
+                BAD_IMAGE, path, f"cannot decode ({err}); re-export it as PNG or JPEG"
+            ) from None
+        channels = 1 if array.ndim == 2 else array.shape[2]
+        if channels not in (1, 2, 3, 4):
+            raise InvalidSample(
+                BAD_IMAGE,
+                path,
+                f"unsupported layout ({channels} channels); expected grey, RGB or RGBA",
+            ) from None
+        return int(array.shape[0]), int(array.shape[1])
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def read_mask_array(path: str | Path) -> np.ndarray:
     """Read a mask file as a 2-D integer array of its stored values (no interpretation).
 
@@ -193,7 +250,8 @@ def read_mask_array(path: str | Path) -> np.ndarray:
         raise InvalidSample(
             MISSING_MASK,
             path,
-            "no such file; each image needs a mask with the same stem (and suffix)",
+            "no such file; each image needs a mask with its stem (plus data.directory.mask_suffix): "
+            "add the mask or remove the image",
         )
     try:
         with Image.open(path) as img:
@@ -277,7 +335,7 @@ def check_mask_values(
             "values between 0 and 255 look like a JPEG-compressed or anti-aliased mask; "
             "re-export it as PNG"
             if len(values) > 3
-            else "if each value is an object use data.mask_format=instance or semantic"
+            else "if each value is an object set data.directory.mask_format=instance or semantic"
         )
         raise InvalidSample(
             BAD_MASK_VALUES,
@@ -295,7 +353,8 @@ def check_mask_values(
         raise InvalidSample(
             BAD_MASK_VALUES,
             path,
-            f"class id {values[-1]} but data.num_classes={num_classes}; fix the mask or the setting",
+            f"class id {values[-1]} but data.directory.num_classes={num_classes}; fix the mask "
+            "or the setting",
         )
 
 
@@ -305,6 +364,35 @@ def _components(binary: np.ndarray) -> tuple[np.ndarray, int]:
         binary.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
     return labels, count - 1
+
+
+def _kept_classes(
+    values: np.ndarray, classes: Sequence[int] | None, ignore_index: int | None
+) -> list[int]:
+    """The semantic class ids of `values` that become objects."""
+    return [
+        int(c) for c in values if c > 0 and c != ignore_index and (classes is None or c in classes)
+    ]
+
+
+def has_instance(
+    array: np.ndarray,
+    mask_format: str,
+    path: str | Path = "<mask>",
+    classes: Sequence[int] | None = None,
+    ignore_index: int | None = None,
+    num_classes: int | None = None,
+) -> bool:
+    """Whether `mask_labels` would find an object, after the same value check.
+
+    Validation's question, answered from the distinct values alone: the label map (and the
+    connected components of `components` and `semantic` masks) is only built for training.
+    """
+    values = distinct_values(array)
+    check_mask_values(array, mask_format, path, num_classes, values)
+    if mask_format == "semantic":
+        return bool(_kept_classes(values, classes, ignore_index))
+    return bool(values.size) and bool(values[-1] > 0)
 
 
 def mask_labels(
@@ -344,11 +432,7 @@ def mask_labels(
         lut = np.zeros(int(ids[-1]) + 1 if ids.size else 1, dtype=np.int32)
         lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
         return lut[array], ids.tolist()
-    # semantic
-    ids = values
-    keep = [
-        int(c) for c in ids if c > 0 and c != ignore_index and (classes is None or c in classes)
-    ]
+    keep = _kept_classes(values, classes, ignore_index)  # semantic
     labels = np.zeros(array.shape, dtype=np.int32)
     class_ids: list[int] = []
     for c in keep:

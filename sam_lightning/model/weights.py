@@ -19,6 +19,7 @@ trained, and the model size is checked once, in `check_model_size`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,11 @@ def read_checkpoint(
                 raise
             raw = torch.load(path, map_location="cpu", weights_only=True)  # a legacy format
     except Exception as err:  # a truncated file, a pickle of arbitrary objects, not a checkpoint
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: {_load_failure(err)}; expected an official "
+            "segment-anything .pth, a sam_lightning export or a run's .ckpt: check the path, "
+            "or download or copy the file again"
+        ) from None
     return describe_checkpoint(raw, path)
 
 
@@ -150,6 +155,22 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], Che
         keys = list(build_sam_architecture(name).state_dict())
     state = hf_to_sam_state_dict(read_hf_weights(folder), keys, folder)
     return state, CheckpointInfo(str(folder), "hf", name)
+
+
+def _load_failure(err: Exception) -> str:
+    """`torch.load`'s failure in one short clause (its own messages run to a page)."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it pickles Python objects ({found.group(1)}), which weights-only loading refuses"
+    if "WeightsUnpickler error" in text:  # bytes that are no pickle at all
+        return "it is not a PyTorch file"
+    if "central directory" in text or "zip archive" in text:
+        return "the file is truncated or damaged (not a complete torch.save archive)"
+    if "invalid load key" in text or text.strip().isdigit() or "magic number" in text:
+        return "it is not a PyTorch file"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first if len(first) <= 120 else first[:117] + "..."
 
 
 def checkpoint_model_size(path: str | Path, default: str | None = None) -> str | None:

@@ -185,6 +185,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "reference": {"box_fill_iou": round(box_fill_iou(datamodule), 4)},
         "model": cfg.model.name,
         "strategy": plain(cfg.strategy).get("_target_", "").rsplit(".", 1)[-1],
+        # the data check: samples per split, skipped per split and per kind (on_invalid=skip)
+        "data": datamodule.report.summary() if datamodule.report is not None else None,
     }
     for logger in trainer.loggers:
         logger.log_hyperparams(plain(cfg))
