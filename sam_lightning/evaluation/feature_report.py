@@ -30,7 +30,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 PICTURES = ("channels", "maps", "importance", "pca", "similarity", "embedding")
 
 
-def valid_tokens(features: torch.Tensor, input_size: tuple[int, int], image_size: int) -> torch.Tensor:
+def valid_tokens(
+    features: torch.Tensor, input_size: tuple[int, int], image_size: int
+) -> torch.Tensor:
     """[C, h, w] -> the tokens that cover the image (the padded rows/columns cut away)."""
     th, tw = features.shape[-2:]
     vh = max(1, math.ceil(input_size[0] * th / image_size))
@@ -130,7 +132,9 @@ def plot_channel_importance(
     return _save(fig, path)
 
 
-def pca_basis(tokens: torch.Tensor, components: int, max_rows: int = 8192) -> tuple[torch.Tensor, ...]:
+def pca_basis(
+    tokens: torch.Tensor, components: int, max_rows: int = 8192
+) -> tuple[torch.Tensor, ...]:
     """(mean [C], basis [C, k]) of the principal components of tokens [N, C] (fit on at most
     `max_rows` evenly spaced rows)."""
     fit = tokens[:: max(1, len(tokens) // max_rows)].double()
@@ -192,32 +196,42 @@ def plot_pca_rgb(
     return _save(fig, path)
 
 
-def view_similarity(views: dict[str, torch.Tensor], sizes: dict[str, list], image_size: int):
-    """(labels, [V, V] cosine similarity of the views' mean-pooled image tokens)."""
+def token_similarity(
+    views: dict[str, torch.Tensor], sizes: dict[str, list], image_size: int, max_tokens: int = 1024
+) -> tuple[list[str], list[int], torch.Tensor]:
+    """Patch-to-patch cosine similarity of the image tokens of every view, view after view.
+
+    Tokens are centred on the mean token of all views first (otherwise the offset every token
+    shares makes everything look alike) and each view keeps evenly spaced tokens so the matrix
+    has at most about `max_tokens` rows. Returns (view labels, tokens per view, [T, T] matrix).
+    """
     items = _view_tokens(views, sizes, image_size)
-    pooled = torch.stack([t.flatten(1).mean(1).double() for _, t in items])
-    pooled = torch.nn.functional.normalize(pooled, dim=1)
-    return [label for label, _ in items], pooled @ pooled.T
+    total = sum(t.shape[1] * t.shape[2] for _, t in items)
+    step = max(1, math.ceil(total / max_tokens))
+    kept = [t.flatten(1).T[::step].double() for _, t in items]
+    tokens = torch.cat(kept)
+    tokens = torch.nn.functional.normalize(tokens - tokens.mean(0), dim=1)
+    return [label for label, _ in items], [len(k) for k in kept], tokens @ tokens.T
 
 
-def plot_view_similarity(
+def plot_token_similarity(
     views: dict[str, torch.Tensor], sizes: dict[str, list], image_size: int, path: Path, title: str
 ) -> Path:
-    """Patch-to-patch (view-to-view) cosine similarity of the mean-pooled tokens of the global
-    view and every crop."""
-    labels, matrix = view_similarity(views, sizes, image_size)
-    n = len(labels)
-    fig = Figure(figsize=(1.2 + 0.55 * n, 0.9 + 0.5 * n), dpi=90)
+    """The patch-to-patch similarity matrix across the global view and the crops, the views
+    separated by lines: bright off-diagonal blocks are crops whose tokens resemble each other."""
+    labels, counts, matrix = token_similarity(views, sizes, image_size)
+    edges = np.cumsum([0, *counts])
+    fig = Figure(figsize=(5.6, 5.0), dpi=90)
     ax = fig.subplots()
-    shown = ax.imshow(matrix.numpy(), cmap="coolwarm", vmin=-1, vmax=1)
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
-    if n <= 17:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=6)
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels, fontsize=7)
-    ax.set_title(f"{title}\ncosine similarity of mean-pooled view features", fontsize=8)
+    shown = ax.imshow(matrix.numpy(), cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity (centred)")
+    for edge in edges[1:-1]:
+        ax.axhline(edge - 0.5, color="black", linewidth=0.6)
+        ax.axvline(edge - 0.5, color="black", linewidth=0.6)
+    middles = (edges[:-1] + edges[1:]) / 2 - 0.5
+    ax.set_xticks(middles, labels, rotation=90, fontsize=7)
+    ax.set_yticks(middles, labels, fontsize=7)
+    ax.set_title(f"{title}\npatch-to-patch similarity of the tokens, view by view", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -257,11 +271,11 @@ def plot_view_embedding(
     fig = Figure(figsize=(5.2, 4.2), dpi=90)
     ax = fig.subplots()
     start = 0
-    cmap = colormaps["tab20"]
+    cmap = colormaps["tab10"]
     for k, ((label, _), chunk) in enumerate(zip(items, kept, strict=True)):
         xy = points[start : start + len(chunk)]
         start += len(chunk)
-        colour = "black" if label == "global" else cmap(k % 20)
+        colour = "black" if label == "global" else cmap((k - 1) % 10)
         ax.scatter(xy[:, 0], xy[:, 1], s=4, color=colour, alpha=0.5, label=label, linewidths=0)
     ax.legend(fontsize=6, markerscale=3, loc="best", ncol=1 + len(items) // 10)
     ax.set_xticks([])
@@ -374,7 +388,9 @@ def report_markdown(manifest: dict[str, Any], out_dir: Path) -> str:
                 if entry["module"] != module:
                     continue
                 stats = entry["stats"]
-                cells = [_number(stats[k]) for k in ("mean", "std", "min", "max", "near_zero_fraction")]
+                cells = [
+                    _number(stats[k]) for k in ("mean", "std", "min", "max", "near_zero_fraction")
+                ]
                 top = ", ".join(str(c) for c, _ in entry["top_channels"])
                 shape = "x".join(map(str, entry["shape"]))
                 lines.append(f"| {entry['view']} | {shape} | " + " | ".join(cells) + f" | {top} |")

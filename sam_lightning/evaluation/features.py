@@ -83,7 +83,9 @@ class ImageViews:
     boxes: list[tuple[int, ...]] = field(default_factory=list)  # the crops, XYXY in the image
 
 
-def image_views(sam: nn.Module, image: np.ndarray, crops: int = 0, overlap: float = 0.0) -> ImageViews:
+def image_views(
+    sam: nn.Module, image: np.ndarray, crops: int = 0, overlap: float = 0.0
+) -> ImageViews:
     """The global view and `crops` tiles of `image`, each resized and preprocessed like SamPredictor."""
     pixels, size = encoder_input(sam, image)
     views = ImageViews(image, {"global": pixels}, {"global": [size]})
@@ -251,7 +253,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     similarity = FeatureSimilarity()
     similarity.update(x, y)
     return similarity.result()["cka"]
-
 
 
 class RunningStatistics:

@@ -28,8 +28,8 @@ from sam_lightning.evaluation.feature_report import (
     plot_channel_importance,
     plot_layer_similarity,
     plot_pca_rgb,
+    plot_token_similarity,
     plot_view_embedding,
-    plot_view_similarity,
     report_markdown,
     valid_tokens,
 )
@@ -125,11 +125,15 @@ class FeatureRun:
             if with_pictures:
                 entry["pictures"][module] = self.pictures(name, module, image, views, kept)
         if self.baseline is not None:
-            base_views = image_views(self.baseline, image, int(self.cfg.crops), float(self.cfg.overlap))
+            base_views = image_views(
+                self.baseline, image, int(self.cfg.crops), float(self.cfg.overlap)
+            )
             reference = capture_views(self.baseline, base_views, self.names)
             for module in self.names:
                 for view, features in captured[module].items():
-                    self.similarity[module].update(features.float(), reference[module][view].float())
+                    self.similarity[module].update(
+                        features.float(), reference[module][view].float()
+                    )
         self.images.append(entry)
 
     def write(self, image: str, module: str, view: str, features: torch.Tensor) -> dict[str, Any]:
@@ -149,9 +153,7 @@ class FeatureRun:
             "shape": list(shape),
             "dtype": str(array.dtype),
             "stats": activation_statistics(features, self.near_zero),
-            "top_channels": [
-                [c, float(activity[c // self.stride])] for c in channels
-            ],
+            "top_channels": [[c, float(activity[c // self.stride])] for c in channels],
         }
 
     def pictures(
@@ -170,7 +172,11 @@ class FeatureRun:
         method = str(self.cfg.embedding)
         paths = {
             "channels": plot_channel_grid(
-                main, channels, activity, folder / f"{module}_channels.png", int(self.cfg.grid_channels)
+                main,
+                channels,
+                activity,
+                folder / f"{module}_channels.png",
+                int(self.cfg.grid_channels),
             ),
             "maps": plot_activation_maps(thumb, main, folder / f"{module}_maps.png", title),
             "importance": plot_channel_importance(
@@ -179,7 +185,7 @@ class FeatureRun:
             "pca": plot_pca_rgb(
                 thumb, kept, views.input_sizes, boxes, size, folder / f"{module}_pca.png", title
             ),
-            "similarity": plot_view_similarity(
+            "similarity": plot_token_similarity(
                 kept, views.input_sizes, size, folder / f"{module}_similarity.png", title
             ),
             "embedding": plot_view_embedding(
