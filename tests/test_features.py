@@ -253,6 +253,17 @@ def test_cli_options_halve_files_and_subsample_channels(
     assert entry["shape"] == [1, 32, 16, 16] and entry["dtype"] == "float16"
     assert (tmp_path / entry["file"]).stat().st_size == 128 + 32 * 16 * 16 * 2
     assert all(c % 4 == 0 for c, _ in entry["top_channels"])  # numbered as in the module
+    bf16 = run_features(
+        features_config(feature_inputs, tmp_path / "bf16", "pictures=0", "layers=[neck]",
+                        "crops=0", "precision=bfloat16")
+    )  # fmt: skip
+    full = run_features(
+        features_config(feature_inputs, tmp_path / "fp32", "pictures=0", "layers=[neck]", "crops=0")
+    )
+    assert bf16["files"][0]["dtype"] == "float32"  # captured in bf16, saved as float32
+    low = np.load(tmp_path / "bf16" / bf16["files"][0]["file"])
+    high = np.load(tmp_path / "fp32" / full["files"][0]["file"])
+    assert not np.array_equal(low, high) and np.abs(low - high).mean() < 0.05 * np.abs(high).mean()
     with pytest.raises(UserError, match="bfloat16"):
         run_features(features_config(feature_inputs, tmp_path, "dtype=bfloat16"))
     with pytest.raises(UserError, match="block.7"):

@@ -128,6 +128,12 @@ def image_files(images: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def image_names(files: Sequence[Path]) -> list[str]:
+    """File stems, or the whole name (dot as underscore) where two files share a stem."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f.name.replace(".", "_") for f in files]
+
+
 def capture_features(
     sam: nn.Module,
     images: str | Path | Sequence[str | Path] | Mapping[str, np.ndarray] | np.ndarray,
@@ -154,7 +160,8 @@ def capture_features(
     elif isinstance(images, Mapping):
         arrays = images
     else:
-        arrays = {p.stem: p for p in image_files(images)}
+        files = image_files(images)
+        arrays = dict(zip(image_names(files), files, strict=True))
     out = {}
     for key, image in arrays.items():
         array = read_image(image) if isinstance(image, str | Path) else np.asarray(image)

@@ -40,6 +40,7 @@ from sam_lightning.evaluation.features import (
     capture_views,
     channel_activity,
     image_files,
+    image_names,
     image_views,
     top_channels,
 )
@@ -56,12 +57,6 @@ FILE_DTYPES = {"float32": np.float32, "float16": np.float16}
 def feature_file_name(image: str, module: str, view: str, shape: tuple[int, ...]) -> str:
     """`<image>_<module>_<view>_<B>x<C>x<H>x<W>.npy`."""
     return f"{image}_{module}_{view}_{'x'.join(str(s) for s in shape)}.npy"
-
-
-def image_names(files: list[Path]) -> list[str]:
-    """File stems, or the whole name (dot as underscore) where two files share a stem."""
-    stems = [f.stem for f in files]
-    return [f.stem if stems.count(f.stem) == 1 else f.name.replace(".", "_") for f in files]
 
 
 def _option(cfg: Any, key: str, choices: dict[str, Any]) -> Any:
