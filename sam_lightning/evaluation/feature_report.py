@@ -178,9 +178,12 @@ def plot_pca_rgb(
     axes[0].imshow(image)
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         axes[0].add_patch(
-            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=f"C{k % 10}", linewidth=1.2)
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=f"C{k % 10}", linewidth=2)
         )
-        axes[0].text(x0 + 2, y0 + 2, str(k), color=f"C{k % 10}", fontsize=7, va="top")
+        axes[0].text(
+            x0 + 3, y0 + 3, str(k), color="black", fontsize=7, va="top",
+            bbox={"facecolor": f"C{k % 10}", "alpha": 0.8, "pad": 1, "linewidth": 0},
+        )  # fmt: skip
     axes[0].set_title("image" + (" and crops" if boxes else ""), fontsize=8)
     for ax, (label, tokens), proj in zip(axes[1:], items, projected, strict=False):
         rgb = ((proj - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
@@ -221,8 +224,13 @@ def plot_token_similarity(
     separated by lines: bright off-diagonal blocks are crops whose tokens resemble each other."""
     labels, counts, matrix = token_similarity(views, sizes, image_size)
     edges = np.cumsum([0, *counts])
-    fig = Figure(figsize=(5.6, 5.0), dpi=90)
-    ax = fig.subplots()
+    n = len(labels)
+    blocks = np.array(
+        [[float(matrix[edges[i] : edges[i + 1], edges[j] : edges[j + 1]].mean()) for j in range(n)]
+         for i in range(n)]
+    )  # fmt: skip
+    fig = Figure(figsize=(10.5, 5.0), dpi=90)
+    ax, summary = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
     shown = ax.imshow(matrix.numpy(), cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity (centred)")
     for edge in edges[1:-1]:
@@ -231,7 +239,17 @@ def plot_token_similarity(
     middles = (edges[:-1] + edges[1:]) / 2 - 0.5
     ax.set_xticks(middles, labels, rotation=90, fontsize=7)
     ax.set_yticks(middles, labels, fontsize=7)
-    ax.set_title(f"{title}\npatch-to-patch similarity of the tokens, view by view", fontsize=8)
+    ax.set_title("every token against every token (row-major within a view)", fontsize=8)
+    limit = max(float(np.abs(blocks).max()), 1e-6)
+    summary.imshow(blocks, cmap="coolwarm", vmin=-limit, vmax=limit)
+    if n <= 17:
+        for i in range(n):
+            for j in range(n):
+                summary.text(j, i, f"{blocks[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    summary.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    summary.set_yticks(range(n), labels, fontsize=7)
+    summary.set_title("mean of each block: how alike two views' tokens are", fontsize=8)
+    fig.suptitle(f"{title}: patch-to-patch cosine similarity across the views", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -295,7 +313,7 @@ def plot_layer_similarity(results: dict[str, dict[str, Any]], path: Path, title:
         results[n]["mean_cosine"] if results[n]["mean_cosine"] is not None else np.nan
         for n in names
     ]
-    fig = Figure(figsize=(max(5.0, 0.5 * len(names) + 2), 3.6), dpi=100)
+    fig = Figure(figsize=(max(5.0, 0.5 * len(names) + 2), 3.8), dpi=100)
     ax = fig.subplots()
     x = np.arange(len(names))
     ax.plot(x, cka, marker="o", label="linear CKA")
@@ -304,9 +322,14 @@ def plot_layer_similarity(results: dict[str, dict[str, Any]], path: Path, title:
         if not np.isnan(value):
             ax.annotate(f"{value:.3f}", (i, value), textcoords="offset points", xytext=(0, 5),
                         ha="center", fontsize=7)  # fmt: skip
+    for i, name in enumerate(names):
+        if results[name].get("max_abs_difference") == 0.0:
+            ax.annotate("unchanged", (i, 1.0), textcoords="offset points", xytext=(0, -14),
+                        ha="center", fontsize=6, color="tab:green")  # fmt: skip
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(min(0.0, np.nanmin(cosine + cka) - 0.05), 1.08)
+    lowest = float(np.nanmin(cosine + cka)) if not np.all(np.isnan(cosine + cka)) else 0.0
+    ax.set_ylim(max(-1.0, lowest - 0.3 * (1 - lowest) - 0.01), 1.0 + 0.25 * (1 - lowest) + 0.01)
     ax.set_ylabel("similarity to the baseline")
     ax.set_xlabel("image-encoder module (input to output)")
     ax.set_title(title, fontsize=9)

@@ -24,8 +24,10 @@ CHANNEL_FIRST_MODULES = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 def encoder_module_names(encoder: nn.Module) -> list[str]:
-    """Every named sub-module of the image encoder, in the order `named_modules` gives."""
-    return [name for name, _ in encoder.named_modules() if name]
+    """Every named sub-module of the image encoder that runs (containers such as the `blocks`
+    list have no output of their own), in the order `named_modules` gives."""
+    containers = (nn.ModuleList, nn.ModuleDict)
+    return [n for n, m in encoder.named_modules() if n and not isinstance(m, containers)]
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -125,4 +127,9 @@ def capture_encoder(
     pixels = pixels.to(model_device(encoder), model_dtype(encoder))
     with forward_hooks(encoder, names) as captured:
         encoder(pixels)
+    silent = [name for name in names if name not in captured]
+    if silent:
+        raise UserError(
+            f"layers: module(s) {', '.join(silent)} did not run in the encoder's forward"
+        )
     return {name: captured[name] for name in names}

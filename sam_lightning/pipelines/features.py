@@ -59,6 +59,15 @@ def feature_file_name(image: str, module: str, view: str, shape: tuple[int, ...]
     return f"{image}_{module}_{view}_{'x'.join(str(s) for s in shape)}.npy"
 
 
+def short_name(path: Any, other: Any) -> str:
+    """A checkpoint's file name, with as many parent folders as it takes to differ from `other`."""
+    parts, others = Path(str(path)).parts, Path(str(other)).parts
+    for keep in range(1, len(parts) + 1):
+        if parts[-keep:] != others[-keep:]:
+            return str(Path(*parts[-keep:]))
+    return str(path)
+
+
 def _option(cfg: Any, key: str, choices: dict[str, Any]) -> Any:
     value = str(cfg.get(key))
     if value not in choices:
@@ -212,8 +221,8 @@ class FeatureRun:
             plot = plot_layer_similarity(
                 results,
                 self.out / "compare.png",
-                f"{Path(str(cfg.ckpt)).name} against {Path(str(cfg.baseline)).name} "
-                f"({len(self.images)} images)",
+                f"{short_name(cfg.ckpt, cfg.baseline)}\nagainst "
+                f"{short_name(cfg.baseline, cfg.ckpt)} ({len(self.images)} images)",
             )
             compare = {
                 "ckpt": str(cfg.ckpt),
