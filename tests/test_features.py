@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -310,3 +312,15 @@ def test_similarity_and_tsne_embedding() -> None:
     assert torch.allclose(matrix.diagonal(), torch.ones(40, dtype=torch.float64))
     points = embed_2d(np.random.default_rng(0).normal(size=(60, 8)), "tsne")
     assert points.shape == (60, 2) and np.isfinite(points).all()
+
+
+def test_cli_prints_a_wrong_layer_without_traceback(feature_inputs: Path, tmp_path: Path) -> None:
+    """`python -m sam_lightning.features` through Hydra: the default layers name blocks.5, which
+    the 4-block tiny model lacks; one message with the valid names, exit status 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sam_lightning.features", f"ckpt={feature_inputs / 'tiny.pth'}",
+         f"images={feature_inputs / 'images'}", f"out_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert "'blocks.5'" in done.stderr + done.stdout and "blocks.3" in done.stderr + done.stdout

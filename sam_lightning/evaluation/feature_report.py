@@ -353,18 +353,19 @@ def _number(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def report_markdown(manifest: dict[str, Any], out_dir: Path) -> str:
+def report_markdown(manifest: dict[str, Any]) -> str:
     """report.md: the run, per module over all images, per image and module (shapes, statistics,
     the 10 most active channels, pictures), and the comparison with the baseline."""
+    stride = manifest["channel_stride"]
+    channels = "all channels" if stride == 1 else f"every {stride}th channel"
     lines = [
         "# Encoder features",
         "",
         f"Checkpoint `{manifest['ckpt']}` ({manifest['model']}, captured in "
         f"{manifest['precision']}, saved as {manifest['dtype']}); {len(manifest['images'])} "
         f"images, global view + {manifest['crops']} crops (overlap {manifest['overlap']}), "
-        f"every {manifest['channel_stride']}th channel. Statistics over all activations; "
-        f"near zero: |x| < {manifest['near_zero']}. Most active channels: mean |activation|, "
-        "numbered as in the module.",
+        f"{channels}. Statistics over all activations; near zero: |x| < {manifest['near_zero']}. "
+        "Most active channels: by mean |activation|, numbered as in the module.",
         "",
         "## Per module, over all images and views",
         "",
@@ -399,7 +400,11 @@ def report_markdown(manifest: dict[str, Any], out_dir: Path) -> str:
         pictures = image.get("pictures") or {}
         if not pictures:
             continue
-        lines += ["", f"## {image['image']} ({image['size'][1]} x {image['size'][0]} px)", ""]
+        lines += [
+            "",
+            f"## {image['image']} ({image['size'][1]} x {image['size'][0]} px, w x h)",
+            "",
+        ]
         for module in manifest["layers"]:
             lines += [
                 f"### `{module}`",

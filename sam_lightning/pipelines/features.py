@@ -234,7 +234,7 @@ class FeatureRun:
             (self.out / "compare.json").write_text(json.dumps(compare, indent=2))
             manifest["compare"] = compare
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        (self.out / "report.md").write_text(report_markdown(manifest, self.out))
+        (self.out / "report.md").write_text(report_markdown(manifest))
         return manifest
 
 
