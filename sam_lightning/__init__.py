@@ -6,10 +6,12 @@ The public API, one import away (the README shows each):
   checkpoint kind, transformers `SamModel` folders too), `read_checkpoint`, `MODEL_SPECS`;
 - training: `SamTask` (the LightningModule), `train(cfg)`, `build_task(cfg)`, `compose_config`;
 - evaluation and export: `evaluate_from_config(cfg)`, `export_checkpoint(ckpt, out, format=...)`
-  (`sam`, `onnx`, `hf`), `save_export(sam, strategy, size, out)`.
+  (`sam`, `onnx`, `hf`), `save_export(sam, strategy, size, out)`;
+- encoder features: `capture_features(sam, images, layers, crops)` (module -> view -> [B, C, H, W]).
 """
 
 from sam_lightning.config import CONF_DIR, compose_config, plain
+from sam_lightning.evaluation.features import capture_features
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.model.export import save_export
 from sam_lightning.model.specs import MODEL_SPECS
@@ -32,6 +34,7 @@ __all__ = [
     "SamTask",
     "build_sam",
     "build_task",
+    "capture_features",
     "compose_config",
     "evaluate_from_config",
     "export_checkpoint",

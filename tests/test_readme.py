@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from segment_anything import SamPredictor
 
 import sam_lightning
@@ -68,3 +70,26 @@ def test_readme_export_formats_load_as_written(readme_files: Path) -> None:
     merged = torch.load(export_checkpoint(ckpt, readme_files / "merged.pth"), weights_only=True)
     state = scope["sam"].state_dict()
     assert state.keys() == merged.keys() and all(torch.equal(state[k], merged[k]) for k in merged)
+
+
+def test_readme_capture_features_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features section's Python lines, with a tiny `sam_finetuned.pth` and images/cat.png."""
+    torch.manual_seed(0)
+    torch.save(build_sam_architecture("tiny").state_dict(), tmp_path / "sam_finetuned.pth")
+    (tmp_path / "images").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (180, 240, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "images" / "cat.png")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet_with("capture_features"), "README.md", "exec"), scope)
+    assert scope["base_view"].shape == (1, 128, 16, 16)
+    assert scope["patches"].shape == (4, 128, 16, 16)
+    assert list(scope["features"]["cat"]) == [
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.3",
+        "neck",
+    ]
