@@ -315,11 +315,12 @@ def test_similarity_and_tsne_embedding() -> None:
 
 
 def test_cli_prints_a_wrong_layer_without_traceback(feature_inputs: Path, tmp_path: Path) -> None:
-    """`python -m sam_lightning.features` through Hydra: the default layers name blocks.5, which
-    the 4-block tiny model lacks; one message with the valid names, exit status 2."""
+    """`python -m sam_lightning.features` through Hydra: blocks.5, which the 4-block tiny model
+    lacks, gives one message with the valid names, exit status 2."""
     done = subprocess.run(
         [sys.executable, "-m", "sam_lightning.features", f"ckpt={feature_inputs / 'tiny.pth'}",
-         f"images={feature_inputs / 'images'}", f"out_dir={tmp_path}"],
+         f"images={feature_inputs / 'images'}", f"out_dir={tmp_path}",
+         "layers=[patch_embed,blocks.5]"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout

@@ -25,8 +25,7 @@ from sam_lightning.data.transforms import resize_image
 from sam_lightning.errors import UserError
 from sam_lightning.model.features import capture_encoder, model_device, resolve_modules
 
-#: the encoder modules captured when the caller names none (the issue's example)
-DEFAULT_LAYERS = ("patch_embed", "blocks.0", "blocks.5", "neck")
+#: the views of an image: the global view and the batch of local crops
 VIEWS = ("global", "crops")
 
 
@@ -137,7 +136,7 @@ def image_names(files: Sequence[Path]) -> list[str]:
 def capture_features(
     sam: nn.Module,
     images: str | Path | Sequence[str | Path] | Mapping[str, np.ndarray] | np.ndarray,
-    layers: Sequence[str] = DEFAULT_LAYERS,
+    layers: Sequence[str],
     crops: int = 0,
     overlap: float = 0.0,
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
