@@ -459,7 +459,9 @@ def test_unknown_config_option_names_it_and_the_choices_without_traceback(tmp_pa
     )
     assert result.returncode != 0
     assert "Could not find 'data/cocoo'" in result.stderr
-    assert "Available options in 'data':\n\tcoco\n\tdirectory\n\tsynthetic" in result.stderr
+    assert (
+        "Available options in 'data':\n\tcoco\n\tdirectory\n\tlabelme\n\tsynthetic\n\tvoc\n\tyolo"
+    ) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()  # nothing started
 

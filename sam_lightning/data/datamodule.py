@@ -102,8 +102,7 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
-        self.format_cfg = {"yolo": dict(yolo or {}), "labelme": dict(labelme or {})}
-        self.format_cfg["voc"] = dict(voc or {})
+        self.format_cfg = {k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc))}
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
