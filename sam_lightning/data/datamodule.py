@@ -102,7 +102,9 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
-        self.format_cfg = {k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc))}
+        self.format_cfg = {
+            k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc), strict=True)
+        }
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
