@@ -101,9 +101,9 @@ def read_index_png(path: Path, split: str) -> np.ndarray:
         raise InvalidSample(
             BAD_MASK_VALUES,
             path,
-            f"is a {mode} {fmt}, expected a palette PNG (mode P) whose indices are the ids, as "
-            "VOC stores them; re-export it from the labelling tool (saving the coloured view "
-            "as RGB loses the ids)",
+            f"is a {fmt} image of mode {mode}, expected a palette PNG (mode P) whose indices are "
+            "the ids, as VOC stores them; re-export it from the labelling tool (saving the "
+            "coloured view as RGB loses the ids)",
         )
     return array
 
