@@ -272,3 +272,18 @@ def test_aerial_and_microscopy_presets_use_every_flip_and_rotation(preset: str) 
     seen = set(_closest_symmetry(preset))
     assert {"rot90", "rot180", "rot270", "flip+rot180"} <= seen  # flip+rot180: upside down
     assert len(seen) == 8
+
+
+def test_transforms_of_a_pipeline_draw_independently() -> None:
+    """albumentations' `set_random_seed` seeds every transform alike, so two p=0.5 flips fired
+    together or not at all (only identity and a 180-degree turn); one shared generator fixes it."""
+    augment = AlbumentationsAugment([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    image = np.zeros((4, 4, 3), np.uint8)
+    corner = np.zeros((1, 4, 4), bool)
+    corner[0, 0, 0] = True
+    counts = {(False, False): 0, (False, True): 0, (True, False): 0, (True, True): 0}
+    for seed in range(400):
+        _, out = augment(image, corner, seed=seed)
+        y, x = np.argwhere(out[0])[0]
+        counts[(bool(x == 3), bool(y == 3))] += 1
+    assert all(70 <= n <= 130 for n in counts.values()), counts  # 100 each, +-3.5 sd
