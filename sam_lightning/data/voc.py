@@ -6,8 +6,8 @@ object, 255 the boundary band), `SegmentationClass/x.png` (the class id of every
 same band), and `ImageSets/Segmentation/{train,val}.txt` (one stem per line). Each object's class
 is the class its pixels have in `SegmentationClass` (the most frequent one). 255 is "not sure"
 in VOC: those pixels belong to no object and are not counted against any, so here they are
-background in every mask (SAM's loss has no ignore region), which makes VOC objects about 2-3 px
-smaller than their outline.
+background in every mask (SAM's loss has no ignore region), which makes VOC objects a few pixels
+smaller than their outline (the band is about 5 px wide, on the outline).
 
 Class names come from `labelmap.txt` under the root when there is one (CVAT and Datumaro write
 it: `name:r,g,b::` per line, in id order), else from `data.voc.class_names`, else VOC 2012's 20
