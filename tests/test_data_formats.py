@@ -9,6 +9,8 @@ import base64
 import io as _io
 import json
 import math
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,14 @@ from hydra.utils import instantiate
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam_lightning.data import io
 from sam_lightning.data.coco import CocoInstances
 from sam_lightning.data.formats import (
     GENERATED_MARKER,
     build_format_dataset,
     write_generated_dataset,
 )
+from sam_lightning.data.io import InvalidSample
 from sam_lightning.data.labelme import LabelMeDataset, circle_polygon
 from sam_lightning.data.voc import VocInstances, voc_palette
 from sam_lightning.data.yolo import YoloSegmentation
@@ -291,3 +295,16 @@ def test_quickstart_trains_on_the_generated_set_in_each_format(tmp_path: Path, k
             "voc": "VocInstances",
         }[kind]
     )
+
+
+def test_a_file_that_does_not_parse_is_one_reported_sample_also_in_worker_processes(
+    generated: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "y"
+    shutil.copytree(generated["yolo"], root)
+    (root / "labels" / "val" / "val_0001.txt").write_text("0 0.1 0.1 0.5 0.1 0.5\n")
+    dataset = pickle.loads(pickle.dumps(YoloSegmentation(root, "val", 64)))  # what spawn does
+    assert len(dataset) == 2 and dataset.check(0) == []
+    with pytest.raises(InvalidSample, match=r"val_0001\.txt: .*line 1 has 5 coordinates") as err:
+        dataset.check(1)
+    assert err.value.kind == io.BAD_ANNOTATION

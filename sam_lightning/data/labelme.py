@@ -186,7 +186,7 @@ class LabelMeDataset(PolygonInstances):
                 if data.get("imageData"):
                     self.embedded.add(path)
             except InvalidSample as err:
-                item.error = err
+                item.fail(err)
             labels.update(o.category for o in item.objects)
             items.append(item)
         self._keep(items, categories, sorted(labels), folder)

@@ -70,7 +70,8 @@ class PolygonItem:
         image: the image file (None when the annotation embeds the image).
         annotation: the file that holds the objects; named in reports.
         objects: the objects (after the class filter).
-        error: what parsing the annotation file raised; `check` reports it.
+        error: (kind, file, detail) of what parsing the annotation file raised; `check`
+            raises it again (kept as plain values: the dataset travels to worker processes).
         size: (height, width) the annotation declares, checked against the image.
     """
 
@@ -78,7 +79,12 @@ class PolygonItem:
     image: Path | None
     annotation: Path
     objects: list[PolygonObject] = field(default_factory=list)
-    error: InvalidSample | None = None
+    error: tuple[str, str, str] | None = None
+
+    def fail(self, err: InvalidSample) -> None:
+        """Remember what parsing raised, for the data check."""
+        self.error = (err.kind, err.path, err.detail)
+
     size: tuple[int, int] | None = None
 
 
@@ -167,7 +173,7 @@ class PolygonInstances(Dataset):
         """[N, H, W] bool masks of an image, one per object, from pycocotools."""
         item = self.items[index]
         if item.error is not None:
-            raise item.error
+            raise InvalidSample(*item.error)
         if item.size is not None and item.size != (height, width):
             raise InvalidSample(
                 SIZE_MISMATCH,
@@ -199,7 +205,7 @@ class PolygonInstances(Dataset):
         objects clipped to the image."""
         item = self.items[index]
         if item.error is not None:
-            raise item.error
+            raise InvalidSample(*item.error)
         height, width = self.image_size_of(index)
         masks = self.read_masks(index, height, width)
         if not masks.reshape(masks.shape[0], -1).any(axis=1).any():
@@ -222,7 +228,7 @@ class PolygonInstances(Dataset):
     def check_files(self, index: int) -> list[Path]:
         """The files `check(index)` reads: its verdict stands while they are unchanged."""
         item = self.items[index]
-        return [p for p in (item.image, item.annotation) if p is not None]
+        return [p for p in (item.annotation, item.image) if p is not None]
 
     def check_settings(self) -> dict[str, Any]:
         """Everything besides the files that decides a verdict (subclasses add their own)."""

@@ -172,12 +172,9 @@ class YoloSegmentation(PolygonInstances):
             try:
                 item.objects = parse_label_file(labels, self.names)
             except InvalidSample as err:
-                item.error = err
+                item.fail(err)
             items.append(item)
         self._keep(items, categories, self.names, self.data_yaml)
-
-    def check_files(self, index: int) -> list[Path]:
-        return [self.items[index].image, self.items[index].annotation]  # type: ignore[list-item]
 
     def check_settings(self) -> dict[str, Any]:
         stat = self.data_yaml.stat()
