@@ -308,3 +308,34 @@ def test_a_file_that_does_not_parse_is_one_reported_sample_also_in_worker_proces
     with pytest.raises(InvalidSample, match=r"val_0001\.txt: .*line 1 has 5 coordinates") as err:
         dataset.check(1)
     assert err.value.kind == io.BAD_ANNOTATION
+
+
+def test_labelme_shapes_that_make_no_mask_are_reported_with_their_file(tmp_path: Path) -> None:
+    two_points = {"label": "a", "points": [[1.0, 1.0], [9.0, 9.0]]}
+    _labelme(tmp_path, [two_points], name="two_points")
+    _labelme(tmp_path, [{**two_points, "shape_type": "mask"}], name="mask")
+    doc = json.loads((tmp_path / "train" / "mask.json").read_text())
+    _labelme(tmp_path, [{"label": "a", "points": _points(POLYGON)}], name="wrong_size")
+    sized = json.loads((tmp_path / "train" / "wrong_size.json").read_text())
+    sized["imageWidth"] = 99
+    (tmp_path / "train" / "wrong_size.json").write_text(json.dumps(sized))
+    ds = LabelMeDataset(tmp_path, "train", 64)
+    found = {}
+    for index in range(len(ds)):
+        with pytest.raises(InvalidSample) as err:
+            ds.check(index)
+        found[Path(err.value.path).stem] = (err.value.kind, err.value.detail)
+    assert found["two_points"] == (
+        io.DEGENERATE_POLYGON,
+        "shape 0: a polygon of 2 point(s) encloses no area; fix or delete it",
+    )
+    assert (
+        found["mask"][0] == io.BAD_ANNOTATION
+        and "shape_type 'mask' is not read" in found["mask"][1]
+    )
+    assert found["wrong_size"] == (
+        io.SIZE_MISMATCH,
+        "declares a 99x48 image but the image is 64x48 (width x height); fix the size in the "
+        "file, or open the image in the labelling tool and save the annotation again",
+    )
+    assert doc["shapes"][0]["shape_type"] == "mask"

@@ -64,11 +64,16 @@ def circle_polygon(cx: float, cy: float, px: float, py: float) -> list[float]:
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1).reshape(-1).tolist()
 
 
+class DegenerateShape(ValueError):
+    """A polygon of fewer than 3 points."""
+
+
 def shape_polygon(shape: Mapping[str, Any], index: int) -> list[float] | None:
     """A LabelMe shape as one polygon `[x1, y1, ...]` (pixels), None for shapes without area.
 
     Raises:
-        InvalidSample-free `ValueError`s with the problem; the caller names the file.
+        ValueError: the shape is malformed or of a type not read (`DegenerateShape`: a polygon
+            of fewer than 3 points); the caller names the file.
     """
     kind = shape.get("shape_type") or "polygon"
     points = shape.get("points")
@@ -83,7 +88,7 @@ def shape_polygon(shape: Mapping[str, Any], index: int) -> list[float] | None:
         return None
     if kind == "polygon":
         if len(points) < 3:
-            raise _Degenerate(
+            raise DegenerateShape(
                 f"shape {index}: a polygon of {len(points)} point(s) encloses no area"
             )
         return [float(v) for p in points for v in p]
@@ -102,10 +107,6 @@ def shape_polygon(shape: Mapping[str, Any], index: int) -> list[float] | None:
     )
 
 
-class _Degenerate(ValueError):
-    pass
-
-
 def parse_labelme(path: Path, data: Mapping[str, Any]) -> tuple[list[PolygonObject], int]:
     """The objects of one LabelMe json, parts merged by (label, group_id), and the number of
     shapes without an area that were left out."""
@@ -119,7 +120,7 @@ def parse_labelme(path: Path, data: Mapping[str, Any]) -> tuple[list[PolygonObje
             raise InvalidSample(BAD_ANNOTATION, path, f"shape {index} has no label")
         try:
             polygon = shape_polygon(shape, index)
-        except _Degenerate as err:
+        except DegenerateShape as err:
             raise InvalidSample(DEGENERATE_POLYGON, path, f"{err}; fix or delete it") from None
         except ValueError as err:
             raise InvalidSample(BAD_ANNOTATION, path, f"{err}; fix or delete it") from None

@@ -178,9 +178,9 @@ class PolygonInstances(Dataset):
             raise InvalidSample(
                 SIZE_MISMATCH,
                 item.annotation,
-                f"says the image is {item.size[1]}x{item.size[0]} but "
-                f"{self.item_name(index)} is {width}x{height} (width x height); fix the size in "
-                "the file or re-open and save the image in the labelling tool",
+                f"declares a {item.size[1]}x{item.size[0]} image but the image is "
+                f"{width}x{height} (width x height); fix the size in the file, or open the image "
+                "in the labelling tool and save the annotation again",
             )
         masks = np.zeros((len(item.objects), height, width), dtype=bool)
         for k, obj in enumerate(item.objects):
