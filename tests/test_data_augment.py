@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from sam_lightning.config import compose_config, plain
 from sam_lightning.data.augment import (
     AlbumentationsAugment,
     build_augment,
@@ -208,3 +210,80 @@ def test_property_boxes_are_mask_bounds_and_image_follows_masks(
     # every solid pixel is in a mask, unless in one of the dropped instances (< 4 pixels each)
     dropped = n - got_masks.shape[0]
     assert int((solid_out & ~union_out).sum()) <= 3 * dropped
+
+
+# ---- presets: data/augment=natural|aerial|microscopy ------------------------------------------
+def _letter_f(size: int = 64) -> np.ndarray:
+    """An F: none of the 8 flips and 90-degree rotations of the square maps it onto itself."""
+    mask = np.zeros((size, size), dtype=bool)
+    mask[10:54, 16:25] = True
+    mask[10:19, 16:48] = True
+    mask[28:35, 16:40] = True
+    return mask
+
+
+def _symmetries(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The 8 symmetries of the square applied to `mask`, by name (`flip` is left-right first)."""
+    out = {}
+    for flipped in (False, True):
+        base = np.fliplr(mask) if flipped else mask
+        for k in range(4):
+            out[("flip+" if flipped else "") + f"rot{90 * k}"] = np.rot90(base, k)
+    return out
+
+
+def _normalised(mask: np.ndarray) -> np.ndarray:
+    """The mask's bounding box resized to 32 x 32: what shift and scale leave unchanged."""
+    ys, xs = np.nonzero(mask)
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
+    return cv2.resize(crop, (32, 32), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _closest_symmetry(preset: str, seeds: int = 64) -> list[str]:
+    """For `seeds` draws of the preset's train pipeline on an F (image and mask), the symmetry
+    of the square the augmented mask is closest to (IoU of the bounding-box crops, so that the
+    shifts and scales of the pipeline do not count)."""
+    cfg = compose_config("train", ["data=directory", f"data/augment={preset}"])
+    augment = build_augment(plain(cfg.data.augment.train))
+    mask = _letter_f()
+    image = np.dstack([mask * 200, np.tile(np.arange(64, dtype=np.uint8), (64, 1)), mask * 50])
+    closest = []
+    for seed in range(seeds):
+        out_image, out = augment(image.astype(np.uint8), mask[None], seed=seed)
+        assert out_image.shape == (64, 64, 3) and out.shape == (1, 64, 64)
+        seen = _normalised(out[0])
+        ious = {
+            name: (seen & _normalised(m)).sum() / (seen | _normalised(m)).sum()
+            for name, m in _symmetries(mask).items()
+        }
+        closest.append(max(ious, key=ious.get))
+    return closest
+
+
+def test_natural_preset_never_flips_vertically_or_rotates_by_90() -> None:
+    seen = set(_closest_symmetry("natural"))
+    assert seen == {"rot0", "flip+rot0"}  # upright, or mirrored left-right: both drawn
+    # the check sees a vertical flip where there is one: the default pipeline has VerticalFlip
+    assert "flip+rot180" in set(_closest_symmetry("default"))
+
+
+@pytest.mark.parametrize("preset", ["aerial", "microscopy"])
+def test_aerial_and_microscopy_presets_use_every_flip_and_rotation(preset: str) -> None:
+    seen = set(_closest_symmetry(preset))
+    assert {"rot90", "rot180", "rot270", "flip+rot180"} <= seen  # flip+rot180: upside down
+    assert len(seen) == 8
+
+
+def test_transforms_of_a_pipeline_draw_independently() -> None:
+    """albumentations' `set_random_seed` seeds every transform alike, so two p=0.5 flips fired
+    together or not at all (only identity and a 180-degree turn); one shared generator fixes it."""
+    augment = AlbumentationsAugment([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    image = np.zeros((4, 4, 3), np.uint8)
+    corner = np.zeros((1, 4, 4), bool)
+    corner[0, 0, 0] = True
+    counts = {(False, False): 0, (False, True): 0, (True, False): 0, (True, True): 0}
+    for seed in range(400):
+        _, out = augment(image, corner, seed=seed)
+        y, x = np.argwhere(out[0])[0]
+        counts[(bool(x == 3), bool(y == 3))] += 1
+    assert all(70 <= n <= 130 for n in counts.values()), counts  # 100 each, +-3.5 sd

@@ -21,6 +21,7 @@ each other's augmentations.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -124,7 +125,10 @@ class AlbumentationsAugment:
         """
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.compose.set_random_seed(seed)
+        # one generator shared by every transform: albumentations' `set_random_seed` gives each
+        # transform its own generator from the same seed, so all of them drew the same numbers
+        # (HorizontalFlip and VerticalFlip, both p=0.5, then always fired together)
+        self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.compose(image=image, mask=np.ascontiguousarray(packed.transpose(1, 2, 0)))
         mask = out["mask"]
         mask = mask[..., None] if mask.ndim == 2 else mask

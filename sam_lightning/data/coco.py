@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -43,7 +42,12 @@ from sam_lightning.data.io import (
     verify_image,
 )
 from sam_lightning.data.sample import Augment
-from sam_lightning.data.synthetic import make_synthetic_image
+from sam_lightning.data.synthetic import (
+    CATEGORIES,
+    PolygonScene,
+    make_synthetic_image,
+    mask_polygons,
+)
 from sam_lightning.errors import UserError
 
 
@@ -71,6 +75,31 @@ def load_coco(annotation_file: str | Path) -> COCO:
     with contextlib.redirect_stdout(_io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def select_categories(
+    names: Sequence[str] | None, by_name: Mapping[str, Any], key: str, source: str | Path
+) -> set[Any] | None:
+    """The ids of the category `names` to keep (None keeps all), for every reader's class filter.
+
+    Args:
+        names: the requested names, from the config.
+        by_name: the names the dataset has -> their ids.
+        key: the config key, named in the error.
+        source: the file (or folder) that declares the categories, named in the error.
+
+    Raises:
+        UserError: a name the dataset does not have; the message lists the ones it has.
+    """
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise UserError(
+            f"{key} names {unknown}, which {source} does not have; its categories are "
+            f"{sorted(by_name)}: use names from these, or null for all"
+        )
+    return {by_name[n] for n in names}
 
 
 class AnnotationError(ValueError):
@@ -217,16 +246,8 @@ class CocoInstances(Dataset):
             )
 
     def _category_ids(self, names: Sequence[str] | None) -> set[int] | None:
-        if names is None:
-            return None
         by_name = {c["name"]: c["id"] for c in self.coco.cats.values()}
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise UserError(
-                f"data.coco.categories names {unknown}, which {self.annotation_file} does not "
-                f"have; its categories are {sorted(by_name)}: use names from these, or null for all"
-            )
-        return {by_name[n] for n in names}
+        return select_categories(names, by_name, "data.coco.categories", self.annotation_file)
 
     def _keep(self, ann: dict[str, Any], min_area: float, include_crowd: bool) -> bool:
         if ann.get("iscrowd", 0) and not include_crowd:
@@ -406,11 +427,7 @@ def write_coco_example(
 def _encode(mask: np.ndarray, encoding: str) -> Any:
     """A bool mask as COCO polygons, compressed RLE or uncompressed RLE (column-major runs)."""
     if encoding == "polygon":
-        contours, _ = cv2.findContours(
-            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-        )
-        polys = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
-        return polys or None
+        return mask_polygons(mask) or None
     if encoding == "rle":
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
@@ -433,3 +450,26 @@ def _annotation(
         "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
         "iscrowd": crowd,
     }
+
+
+def write_coco(root: str | Path, splits: Mapping[str, Sequence[PolygonScene]]) -> Path:
+    """Write generated scenes as a COCO folder, every object as its polygons: the reference the
+    other formats' writers are compared with (the same images and objects)."""
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(CATEGORIES)]
+    for split, scenes in splits.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for scene in scenes:
+            height, width = scene.image.shape[:2]
+            name = f"{scene.name}.jpg"
+            Image.fromarray(scene.image).save(root / "images" / split / name, quality=92)
+            image_id = len(images) + 1
+            images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+            for category, polygons in scene.objects:
+                mask = annotation_mask({"segmentation": polygons}, height, width)
+                anns.append(_annotation(len(anns) + 1, image_id, category + 1, mask, polygons, 0))
+        data = {"images": images, "annotations": anns, "categories": categories}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root

@@ -13,25 +13,36 @@ from torch.utils.data import DataLoader, Dataset
 from sam_lightning.data.augment import build_augment
 from sam_lightning.data.coco import CocoInstances
 from sam_lightning.data.directory import DirectoryDataset, available_splits
+from sam_lightning.data.formats import (
+    LAYOUTS,
+    READERS,
+    WRITERS,
+    build_format_dataset,
+    format_splits,
+    write_generated_dataset,
+)
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.data.validation import ValidationReport, validate_splits
 from sam_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
-KINDS = ("directory", "coco", "synthetic")
+KINDS = ("directory", "coco", "synthetic", *READERS)
 
 
 class SamDataModule(L.LightningDataModule):
     """Builds the datasets of one kind, validates every sample once, and serves the loaders.
 
     Args:
-        kind: `directory`, `coco`, or `synthetic` (a directory dataset written first).
+        kind: `directory`, `coco`, `yolo`, `labelme`, `voc` (`sam_lightning.data.formats`), or
+            `synthetic` (a directory dataset written first).
         root: the dataset folder.
         image_size: S, the model's input side (`model.image_size`).
         batch_size, num_workers: the loaders'.
         min_mask_area: instances smaller than this after resizing (pixels) are dropped.
-        synthetic: arguments of `write_synthetic_dataset` when `kind == "synthetic"`.
+        synthetic: arguments of `write_synthetic_dataset` when `kind == "synthetic"`; for
+            coco, yolo, labelme and voc, set (as `experiment=quickstart` does), the same shapes
+            are first written at `root` in that format (`formats.write_generated_dataset`).
         splits: splits to build; None: train and val, plus test where the data has it.
         augment: per split, a list of albumentations transforms (instantiated by Hydra);
             splits without an entry get resize and pad only.
@@ -47,6 +58,7 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: compute each image's embedding once and train from the cache
             (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
         cache_dir: where the embedding cache lives.
+        yolo, labelme, voc: the options of those readers (`categories`, ...).
     """
 
     def __init__(
@@ -67,6 +79,9 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: bool = False,
         cache_dir: str = "embedding_cache",
         validation_cache: str | None = None,
+        yolo: Mapping[str, Any] | None = None,
+        labelme: Mapping[str, Any] | None = None,
+        voc: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -87,12 +102,17 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
+        self.format_cfg = {
+            k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc), strict=True)
+        }
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
     def prepare_data(self) -> None:
         if self.kind == "synthetic":
             write_synthetic_dataset(self.root, **self.synthetic)
+        elif self.kind in WRITERS and self.synthetic:
+            write_generated_dataset(self.root, self.kind, **self.synthetic)
 
     def _splits(self) -> tuple[str, ...]:
         if self.splits is not None:
@@ -105,6 +125,8 @@ class SamDataModule(L.LightningDataModule):
                 or s in (self.coco_cfg.get("annotation_files") or {})
             ]
             return tuple(s for s in found if s != "test" or "val" in found) or ("train", "val")
+        if self.kind in READERS:
+            return tuple(format_splits(self.kind, self.root, self.format_cfg[self.kind]))
         return tuple(available_splits(self.root))
 
     def build_dataset(self, split: str) -> Dataset:
@@ -123,6 +145,16 @@ class SamDataModule(L.LightningDataModule):
                 augment=augment,
                 min_mask_area=self.min_mask_area,
                 **cfg,
+            )
+        if self.kind in READERS:
+            return build_format_dataset(
+                self.kind,
+                self.root,
+                split,
+                self.image_size,
+                augment=augment,
+                min_mask_area=self.min_mask_area,
+                **self.format_cfg[self.kind],
             )
         return DirectoryDataset(
             self.root,
@@ -172,10 +204,8 @@ class SamDataModule(L.LightningDataModule):
         if self.kind == "coco" and self.coco_cfg.get("annotation_files"):
             return  # every path may be explicit
         where = "" if self.root.is_absolute() else f" (relative to {Path.cwd()})"
-        layout = (
-            "annotations/instances_<split>.json and images/<split>/"
-            if self.kind == "coco"
-            else "images/ and masks/"
+        layout = {"coco": "annotations/instances_<split>.json and images/<split>/", **LAYOUTS}.get(
+            self.kind, "images/ and masks/"
         )
         raise UserError(
             f"data.root={self.root} does not exist{where}; set data.root to the dataset "

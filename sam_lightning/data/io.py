@@ -15,6 +15,7 @@ Mask formats:
 
 from __future__ import annotations
 
+import io as _io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,21 @@ def read_image(path: str | Path, draft_size: int | None = None, strict: bool = F
     except ValueError as err:
         raise InvalidSample(
             BAD_IMAGE, path, f"unsupported layout ({err}); expected grey, RGB or RGBA"
+        ) from None
+
+
+def read_image_bytes(raw: bytes, path: str | Path, what: str = "image data") -> np.ndarray:
+    """An encoded image held in memory (LabelMe's embedded `imageData`) as `read_image` reads a
+    file: RGB uint8 HWC, EXIF orientation applied.
+
+    Raises:
+        InvalidSample: the bytes do not decode; `path` (the file that holds them) is named.
+    """
+    try:
+        return _rgb(_read_with_pillow(_io.BytesIO(raw), None))  # type: ignore[arg-type]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidSample(
+            BAD_IMAGE, path, f"{what} does not decode ({err}); save the file again"
         ) from None
 
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("triangle", "star", "cross", "ring", "ellipse", "ell")
+#: the shapes a polygon describes (a ring's hole is no polygon in COCO, YOLO or LabelMe)
+POLYGON_SHAPES = tuple(s for s in SHAPES if s != "ring")
+#: category names of the generated polygon datasets; object k of an image has category k % 2
+CATEGORIES = ("shape", "blob")
 GENERATOR_VERSION = 3  # written to the marker: a change here rewrites existing datasets
 GAP = 6  # px between shapes
 PLACEMENT_TRIES = 30
@@ -114,12 +121,16 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def make_synthetic_image(
-    rng: np.random.Generator, height: int, width: int, max_shapes: int = 4
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    max_shapes: int = 4,
+    shapes: Sequence[str] = SHAPES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image and its instance label map (0 background, k > 0 instance k).
 
-    Between 2 and `max_shapes` shapes, at least `GAP` px apart: a shape that finds no free place
-    in `PLACEMENT_TRIES` draws is left out.
+    Between 2 and `max_shapes` shapes (drawn from `shapes`), at least `GAP` px apart: a shape
+    that finds no free place in `PLACEMENT_TRIES` draws is left out.
     """
     image = _texture(rng, height, width, saturation=0.35)
     labels = np.zeros((height, width), dtype=np.uint8)
@@ -129,7 +140,7 @@ def make_synthetic_image(
     for _ in range(wanted * PLACEMENT_TRIES):
         if k == wanted:
             break
-        mask = _shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], rng, height, width)
+        mask = _shape_mask(shapes[int(rng.integers(len(shapes)))], rng, height, width)
         if (mask & taken).any():
             continue
         k += 1
@@ -181,3 +192,44 @@ def write_synthetic_dataset(
             Image.fromarray(labels).save(root / "masks" / split / f"{split}_{i:04d}.png")
     marker.write_text(json.dumps(params))
     return root
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """The outer contours of a bool mask as COCO polygons `[x1, y1, x2, y2, ...]` (pixel
+    indices, OpenCV's simple chain; contours of fewer than 3 points are left out)."""
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+@dataclass(frozen=True)
+class PolygonScene:
+    """One generated image and its objects as polygons: what every polygon format stores.
+
+    Attributes:
+        name: file stem.
+        image: HWC uint8 RGB.
+        objects: per object, (category index into `CATEGORIES`, its polygons).
+    """
+
+    name: str
+    image: np.ndarray
+    objects: list[tuple[int, list[list[float]]]]
+
+
+def polygon_scenes(
+    split: str, count: int, seed: int = 0, height: int = 240, width: int = 320
+) -> Iterator[PolygonScene]:
+    """`count` seeded scenes of one split (`POLYGON_SHAPES`, apart), their objects as polygons:
+    the same images and objects for every format writer (`sam_lightning.data.formats`)."""
+    offset = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]
+    for i in range(count):
+        rng = np.random.default_rng([seed, offset + i])
+        image, labels = make_synthetic_image(rng, height, width, shapes=POLYGON_SHAPES)
+        objects = []
+        for k in range(1, int(labels.max()) + 1):
+            polygons = mask_polygons(labels == k)
+            if polygons:
+                objects.append((k % 2, polygons))
+        yield PolygonScene(f"{split}_{i:04d}", image, objects)
