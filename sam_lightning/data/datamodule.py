@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sam_lightning.data.augment import build_augment
 from sam_lightning.data.coco import CocoInstances
 from sam_lightning.data.directory import DirectoryDataset, available_splits
+from sam_lightning.data.order import EpochOrder, ResumableLoader, SeededSamples
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.data.validation import ValidationReport, validate_splits
@@ -47,6 +49,10 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: compute each image's embedding once and train from the cache
             (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
         cache_dir: where the embedding cache lives.
+        seed: the training data's randomness (`sam_lightning.data.order`): each epoch's order
+            and each sample's augmentation and prompts derive from (seed, epoch, index), so a
+            resumed run and a DDP run see what one uninterrupted process sees; `train` passes
+            the run's `seed`; None draws one from torch's generator.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: bool = False,
         cache_dir: str = "embedding_cache",
         validation_cache: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -87,6 +94,7 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -182,21 +190,43 @@ class SamDataModule(L.LightningDataModule):
             f"folder, the one that holds {layout}"
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Batches in `EpochOrder` (this process's slice of each global batch under DDP), seeded
+        per sample, resumable mid-epoch (`sam_lightning.data.order`)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        dataset = self.datasets["train"]
+        sampler = EpochOrder(dataset, self.batch_size, self.seed, True, world, rank)
+
+        def progress() -> tuple[int, int]:
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return trainer.current_epoch, batches
+
+        return ResumableLoader(
+            SeededSamples(dataset, self.seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            # the workers' base seed comes from here, not from the global stream: iterating
+            # the loader (again, in a resumed run) leaves the global generator untouched
+            generator=torch.Generator().manual_seed(self.seed),
+            progress=progress if trainer else None,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)
+        return self._loader("test" if "test" in self.datasets else "val")
