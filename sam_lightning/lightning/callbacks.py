@@ -342,9 +342,18 @@ def _usr1_as_sigterm(signum: int, frame: Any) -> None:
         handler(signum, frame)
 
 
-class RandomStates(L.Callback):
-    """Every checkpoint carries the global random states (torch, CUDA, numpy, Python); a resumed
-    run starts from them (`sam_lightning.lightning.checkpoints.collect_rng_states`)."""
+class ResumeState(L.Callback):
+    """What a resumed run needs beyond Lightning's own restore.
+
+    Every checkpoint carries the global random states (torch, CUDA, numpy, Python), and a
+    resumed run starts from them (`sam_lightning.lightning.checkpoints.collect_rng_states`).
+
+    Lightning builds the training loader before it restores a checkpoint when the module asks
+    for `trainer.estimated_stepping_batches` (`SamTask`'s schedule does) and then keeps that
+    loader, which never gets its saved position (`data.order.ResumableLoader`): the resumed
+    epoch would start over. At fit start, when resuming, the loader is dropped, so the fit loop
+    builds it again after the restore and hands it its state.
+    """
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -356,3 +365,12 @@ class RandomStates(L.Callback):
     ) -> None:
         if RNG_STATES_KEY in checkpoint:
             restore_rng_states(checkpoint[RNG_STATES_KEY])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if trainer.ckpt_path is None or getattr(fit_loop, "_combined_loader", None) is None:
+            return
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            fetcher.teardown()  # its workers, if any
+        fit_loop._combined_loader = None

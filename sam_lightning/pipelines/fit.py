@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sam_lightning.config import plain
-from sam_lightning.lightning.callbacks import RandomStates, RunSummary
+from sam_lightning.lightning.callbacks import ResumeState, RunSummary
 from sam_lightning.lightning.checkpoints import AtomicCheckpointIO, latest_checkpoint
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.metrics import mask_iou
@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer = instantiate(
         cfg.trainer,
-        callbacks=[*callbacks, summary_cb, RandomStates()],
+        callbacks=[*callbacks, summary_cb, ResumeState()],
         logger=build_loggers(cfg) or False,
         plugins=[AtomicCheckpointIO()],  # a kill during a save never leaves half a last.ckpt
     )
