@@ -162,3 +162,120 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint_exactly(
     assert torch.load(last, weights_only=True)["global_step"] == 9
     summary = train(quickstart(tmp_path, synthetic_root, *RUN, "ckpt_path=last"))
     assert_same_run(summary["last_ckpt"], straight)
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    """`train/loss_step` of every step, from the CSV log (under DDP: the mean over processes,
+    i.e. the global batch's loss)."""
+    import csv
+
+    (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    return [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+
+
+@pytest.mark.slow  # about 55 s on the 2 shared cores: two DDP processes start and run
+def test_ddp_two_processes_train_the_one_process_model(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    """2 gloo processes x batch 2 vs 1 process x batch 4: the same 4 global batches (2 epochs
+    of 2 steps), the same loss at every step and the same final weights, within 1e-5 relative
+    (float rounding: the gradients are averaged across processes, the encoder sees batches
+    of 2 instead of 4).
+
+    Not compared: the attention key biases (`*.k_proj.bias`). Their gradient is zero in exact
+    arithmetic (softmax ignores a score added to every key of a query), so what they get is
+    rounding noise, which Adam divides by its own square root into steps of up to `lr`: the
+    noise of the two runs differs and so do these 7 tensors (measured: up to 8e-5 relative;
+    every other tensor within 4e-6)."""
+    short = (
+        "trainer.max_epochs=2",
+        "++trainer.limit_train_batches=2",
+        "++trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
+        "~callbacks.model_checkpoint",
+        "~callbacks.mask_overlays",
+    )
+    one = tmp_path / "one"
+    summary = train(quickstart(one, synthetic_root, *short, "data.batch_size=4"))
+    ddp = tmp_path / "ddp"
+    result = _cli(
+        "experiment=quickstart",
+        f"data.root={synthetic_root}",
+        "data.synthetic.num_train=16",
+        "data.synthetic.num_val=8",
+        "trainer.enable_progress_bar=false",
+        f"paths.output_dir={ddp}",
+        *short,
+        "data.batch_size=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = step_losses(one)
+    assert len(expected) == 4
+    got = step_losses(ddp)
+    assert got == pytest.approx(expected, rel=1e-5)
+    a = torch.load(ddp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(summary["last_ckpt"], map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    compared = {k: v for k, v in b["state_dict"].items() if not k.endswith("k_proj.bias")}
+    assert len(b["state_dict"]) - len(compared) == 7 and len(compared) > 190
+    worst = max(
+        float((a["state_dict"][k] - v).norm() / v.norm().clamp_min(1e-12))
+        for k, v in compared.items()
+    )
+    assert worst < 1e-5, f"largest relative difference of a weight tensor: {worst:.2e}"
+
+
+def test_epoch_order_gives_each_process_its_slice_of_the_global_batches() -> None:
+    """W processes x batch b see the global batches of one process x batch W*b, each epoch a new
+    order; a resumed epoch skips exactly the batches done."""
+    from sam_lightning.data.order import EpochOrder
+
+    data = list(range(21))  # not a multiple of the global batch: a short last batch
+    one = EpochOrder(data, batch_size=6, seed=7)
+    ranks = [EpochOrder(data, batch_size=3, seed=7, num_replicas=2, rank=r) for r in (0, 1)]
+    for epoch in (0, 1):
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        whole = [i for i, _ in one]
+        parts = [[i for i, _ in r] for r in ranks]
+        assert len(parts[0]) == len(parts[1]) == 11  # 21 padded to 22, halved
+        for k in range(0, 22, 6):  # global batch k // 6: the two slices, in order
+            assert (
+                parts[0][k // 2 : k // 2 + 3] + parts[1][k // 2 : k // 2 + 3]
+                == (whole + whole[:1])[k : k + 6]
+            )
+    assert sorted(whole) == data and whole != [i for i, _ in EpochOrder(data, 6, seed=7)]
+    ranks[1].resume(epoch=1, batches_done=2)
+    assert [i for i, _ in ranks[1]] == parts[1][6:]
+    assert [i for i, _ in ranks[1]] == parts[1]  # skipped once only
+    ranks[1].resume(epoch=1, batches_done=4)  # the epoch had ended: the next one, from its start
+    assert ranks[1].epoch == 2 and len(list(ranks[1])) == 11
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`AtomicCheckpointIO`: a save interrupted after writing part of the file (here: torch.save
+    writes 1 KiB, then the "kill" arrives) leaves last.ckpt as it was, and no temporary file."""
+    from sam_lightning.lightning import checkpoints
+
+    io = checkpoints.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def killed_half_way(obj: Any, f: Any) -> None:
+        f.write(b"\0" * 1024)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
