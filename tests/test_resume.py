@@ -105,21 +105,25 @@ def test_stopped_at_an_epoch_end_and_resumed_is_bitwise_the_straight_run(
     assert_same_run(summary["last_ckpt"], straight)
 
 
-def test_sigterm_saves_stops_and_resumes_exactly(
-    straight: Path, tmp_path: Path, synthetic_root: Path
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_stops_and_resumes_exactly(
+    signum: int, straight: Path, tmp_path: Path, synthetic_root: Path
 ) -> None:
-    """SIGTERM at step 5 (mid-epoch 0, no step checkpoint there): the batch finishes, last.ckpt
-    is written at step 5, the run ends with SystemExit (status 0)."""
+    """SIGTERM or SIGUSR1 (outside SLURM) at step 5 (mid-epoch 0, no step checkpoint there): the
+    batch finishes, last.ckpt is written at step 5, the run ends with SystemExit (status 0),
+    and the resumed run ends as the straight one."""
     term = (
         "+callbacks.term._target_=tests.test_resume.SignalAtStep",
         "+callbacks.term.step=5",
-        f"+callbacks.term.signum={int(signal.SIGTERM)}",
+        f"+callbacks.term.signum={int(signum)}",
     )
     with pytest.raises(SystemExit) as stopped:
         train(quickstart(tmp_path, synthetic_root, *RUN, *term))
     assert stopped.value.code in (None, 0)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 5
+    if signum == signal.SIGUSR1:
+        return  # the same stop and checkpoint as SIGTERM's, resumed below for SIGTERM
     summary = train(quickstart(tmp_path, synthetic_root, *RUN, "ckpt_path=last"))
     assert_same_run(summary["last_ckpt"], straight)
 
