@@ -117,9 +117,12 @@ def test_a_signal_saves_stops_and_resumes_exactly(
         "+callbacks.term.step=5",
         f"+callbacks.term.signum={int(signum)}",
     )
+    before = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(SystemExit) as stopped:
         train(quickstart(tmp_path, synthetic_root, *RUN, *term))
     assert stopped.value.code in (None, 0)
+    # the handler is the run's only: a later run (a SLURM one) finds SIGUSR1 as it was
+    assert signal.getsignal(signal.SIGUSR1) == before
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 5
     if signum == signal.SIGUSR1:

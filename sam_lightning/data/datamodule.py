@@ -210,6 +210,8 @@ class SamDataModule(L.LightningDataModule):
 
         def progress() -> tuple[int, int]:
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if batches >= trainer.num_training_batches:  # the epoch is done (limit_train_batches)
+                return trainer.current_epoch + 1, 0
             return trainer.current_epoch, batches
 
         return ResumableLoader(

@@ -323,11 +323,12 @@ class LatestCheckpoint(Checkpoint):
             )
 
     # SIGUSR1 outside SLURM: the same stop as SIGTERM -----------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or SLURMEnvironment.detect():
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed after Lightning's own handlers (so its SLURM check sees none of ours, and
+        the teardown that restores what it found puts the previous SIGUSR1 handler back)."""
+        if SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread():
             return
-        if threading.current_thread() is threading.main_thread():
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, _usr1_as_sigterm)
+        self._previous_usr1 = signal.signal(signal.SIGUSR1, _usr1_as_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_usr1 is not None and signal.getsignal(signal.SIGUSR1) is _usr1_as_sigterm:
