@@ -286,3 +286,11 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_whole(
         io.save_checkpoint({"step": torch.tensor(2)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_every_n_steps_below_one_is_a_user_error(tmp_path: Path) -> None:
+    from sam_lightning.errors import UserError
+    from sam_lightning.lightning.callbacks import LatestCheckpoint
+
+    with pytest.raises(UserError, match=r"checkpoint.every_n_steps=0: expected .* or null"):
+        LatestCheckpoint(str(tmp_path), every_n_steps=0)

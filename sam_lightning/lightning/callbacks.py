@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sam_lightning.errors import UserError
 from sam_lightning.lightning.checkpoints import (
     RNG_STATES_KEY,
     collect_rng_states,
@@ -291,11 +292,15 @@ class LatestCheckpoint(Checkpoint):
 
     def __init__(self, dirpath: str, filename: str = "last", every_n_steps: int | None = None):
         if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps={every_n_steps}: expected >= 1 or null")
+            raise UserError(
+                f"checkpoint.every_n_steps={every_n_steps}: expected a number of optimizer steps "
+                ">= 1, or null for a checkpoint after each epoch only"
+            )
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.every_n_steps = every_n_steps
         self.last_model_path = ""
         self._previous_usr1: Any = None
+        self._last_step_saved = -1
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
@@ -306,8 +311,11 @@ class LatestCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        # right after an optimizer step only (with gradient accumulation, not in between)
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step_saved:
             self._save(trainer)
+            self._last_step_saved = step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
