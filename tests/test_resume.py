@@ -294,3 +294,28 @@ def test_every_n_steps_below_one_is_a_user_error(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match=r"checkpoint.every_n_steps=0: expected .* or null"):
         LatestCheckpoint(str(tmp_path), every_n_steps=0)
+
+
+def test_loader_state_carries_the_position_and_the_seed() -> None:
+    """A resumed loader takes the saved run's seed (one drawn at random for `seed=null` too) and
+    starts after the batches done."""
+    from sam_lightning.data.order import EpochOrder, ResumableLoader, SeededSamples
+
+    data = [{"i": i} for i in range(8)]
+
+    def loader(seed: int, progress=None) -> ResumableLoader:
+        return ResumableLoader(
+            SeededSamples(data, seed),
+            batch_size=2,
+            sampler=EpochOrder(data, 2, seed),
+            collate_fn=lambda items: [(s["i"], s["prompt_seed"]) for s in items],
+            progress=progress,
+        )
+
+    saved = loader(11, progress=lambda: (3, 1)).state_dict()
+    assert saved == {"epoch": 3, "batches": 1, "seed": 11}
+    reference = loader(11)
+    reference.sampler.set_epoch(3)
+    resumed = loader(99)
+    resumed.load_state_dict(saved)
+    assert list(resumed) == list(reference)[1:]

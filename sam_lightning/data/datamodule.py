@@ -52,7 +52,7 @@ class SamDataModule(L.LightningDataModule):
         seed: the training data's randomness (`sam_lightning.data.order`): each epoch's order
             and each sample's augmentation and prompts derive from (seed, epoch, index), so a
             resumed run and a DDP run see what one uninterrupted process sees; `train` passes
-            the run's `seed`; None draws one from torch's generator.
+            the run's `seed`; None draws one from torch's generator when training starts.
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
-        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        self.seed = seed  # None: drawn when the training loader is first built
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -206,6 +206,9 @@ class SamDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         dataset = self.datasets["train"]
+        if self.seed is None:  # seed=null: another order every run, rank zero's under DDP
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self.seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer else seed
         sampler = EpochOrder(dataset, self.batch_size, self.seed, True, world, rank)
 
         def progress() -> tuple[int, int]:

@@ -14,8 +14,8 @@ run had; two processes consume two streams), so:
   global stream is left as it was); the second travels with the sample as `prompt_seed`, from
   which `SamTask` draws that image's prompts.
 - `ResumableLoader` is a DataLoader whose `state_dict` (which Lightning writes into every
-  checkpoint) says where in which epoch training stood, and whose `load_state_dict` makes the
-  sampler skip the batches done.
+  checkpoint) says where in which epoch training stood, and with which seed, and whose
+  `load_state_dict` makes the sampler skip the batches done.
 """
 
 from __future__ import annotations
@@ -149,8 +149,15 @@ class ResumableLoader(DataLoader):
         if self.progress is None:
             return {}
         epoch, batches = self.progress()
-        return {"epoch": int(epoch), "batches": int(batches)}
+        seed = self.sampler.seed if isinstance(self.sampler, EpochOrder) else 0
+        return {"epoch": int(epoch), "batches": int(batches), "seed": int(seed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and isinstance(self.sampler, EpochOrder):
-            self.sampler.resume(state["epoch"], state["batches"])
+        """Go on where the state says, with its seed (the run's, even one drawn at random)."""
+        if not state or not isinstance(self.sampler, EpochOrder):
+            return
+        if "seed" in state:
+            self.sampler.seed = state["seed"]
+            if isinstance(self.dataset, SeededSamples):
+                self.dataset.seed = state["seed"]
+        self.sampler.resume(state["epoch"], state["batches"])
