@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sam_lightning.data.augment import build_augment
@@ -21,6 +22,7 @@ from sam_lightning.data.formats import (
     format_splits,
     write_generated_dataset,
 )
+from sam_lightning.data.order import EpochOrder, ResumableLoader, SeededSamples
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
 from sam_lightning.data.validation import ValidationReport, validate_splits
@@ -59,6 +61,10 @@ class SamDataModule(L.LightningDataModule):
             (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
         cache_dir: where the embedding cache lives.
         yolo, labelme, voc: the options of those readers (`categories`, ...).
+        seed: the training data's randomness (`sam_lightning.data.order`): each epoch's order
+            and each sample's augmentation and prompts derive from (seed, epoch, index), so a
+            resumed run and a DDP run see what one uninterrupted process sees; `train` passes
+            the run's `seed`; None draws one from torch's generator when training starts.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class SamDataModule(L.LightningDataModule):
         yolo: Mapping[str, Any] | None = None,
         labelme: Mapping[str, Any] | None = None,
         voc: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -105,6 +112,7 @@ class SamDataModule(L.LightningDataModule):
         self.format_cfg = {
             k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc), strict=True)
         }
+        self.seed = seed  # None: drawn when the training loader is first built
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -212,21 +220,48 @@ class SamDataModule(L.LightningDataModule):
             f"folder, the one that holds {layout}"
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Batches in `EpochOrder` (this process's slice of each global batch under DDP), seeded
+        per sample, resumable mid-epoch (`sam_lightning.data.order`)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        dataset = self.datasets["train"]
+        if self.seed is None:  # seed=null: another order every run, rank zero's under DDP
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self.seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer else seed
+        sampler = EpochOrder(dataset, self.batch_size, self.seed, True, world, rank)
+
+        def progress() -> tuple[int, int]:
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if batches >= trainer.num_training_batches:  # the epoch is done (limit_train_batches)
+                return trainer.current_epoch + 1, 0
+            return trainer.current_epoch, batches
+
+        return ResumableLoader(
+            SeededSamples(dataset, self.seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            # the workers' base seed comes from here, not from the global stream: iterating
+            # the loader (again, in a resumed run) leaves the global generator untouched
+            generator=torch.Generator().manual_seed(self.seed),
+            progress=progress if trainer else None,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)
+        return self._loader("test" if "test" in self.datasets else "val")

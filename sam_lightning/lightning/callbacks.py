@@ -1,9 +1,13 @@
-"""Callbacks: mask overlays per validation (disk, W&B, TensorBoard), and the run summary."""
+"""Callbacks: mask overlays per validation (disk, W&B, TensorBoard), the run summary, the latest
+checkpoint (per epoch, every N steps, and on SIGTERM/SIGUSR1), and the random states that
+checkpoints carry."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +16,18 @@ import lightning as L
 import numpy as np
 import torch
 import wandb
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sam_lightning.errors import UserError
+from sam_lightning.lightning.checkpoints import (
+    RNG_STATES_KEY,
+    collect_rng_states,
+    restore_rng_states,
+)
 from sam_lightning.viz import draw_overlay, image_grid, label_map, save_png
 
 #: `optimized_direction` values
@@ -196,6 +210,13 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The validation history travels in checkpoints: a resumed run's summary has it all."""
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -253,3 +274,112 @@ class RunSummary(L.Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.summary(trainer), indent=2))
+
+
+class LatestCheckpoint(Checkpoint):
+    """Keeps `<dirpath>/<filename>.ckpt` the latest state of the run, to resume from.
+
+    Written at the end of every training epoch, every `every_n_steps` optimizer steps (None:
+    never inside an epoch), and when the run is stopped by SIGTERM or SIGUSR1 (what SLURM sends
+    before a preemption or the time limit): Lightning finishes the batch in progress and raises
+    `SIGTERMException`; this saves, and the process exits with status 0. Under SLURM
+    (`SLURMEnvironment` detected) SIGUSR1 stays Lightning's (hpc checkpoint and requeue). The
+    trainer writes through `AtomicCheckpointIO`: a kill during a save leaves the previous file.
+    """
+
+    monitor = None  # `RunSummary` takes the callback without a monitor as the latest checkpoint
+    best_model_path = ""
+
+    def __init__(self, dirpath: str, filename: str = "last", every_n_steps: int | None = None):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise UserError(
+                f"checkpoint.every_n_steps={every_n_steps}: expected a number of optimizer steps "
+                ">= 1, or null for a checkpoint after each epoch only"
+            )
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.every_n_steps = every_n_steps
+        self.last_model_path = ""
+        self._previous_usr1: Any = None
+        self._last_step_saved = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.path)
+        self.last_model_path = str(self.path)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        step = trainer.global_step
+        # right after an optimizer step only (with gradient accumulation, not in between)
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step_saved:
+            self._save(trainer)
+            self._last_step_saved = step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
+            rank_zero_info(
+                f"stopped by a signal at step {trainer.global_step}: saved {self.path}; resume "
+                f"with ckpt_path={self.path} (or ckpt_path=last)"
+            )
+
+    # SIGUSR1 outside SLURM: the same stop as SIGTERM -----------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed after Lightning's own handlers (so its SLURM check sees none of ours, and
+        the teardown that restores what it found puts the previous SIGUSR1 handler back)."""
+        if SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_usr1 = signal.signal(signal.SIGUSR1, _usr1_as_sigterm)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_usr1 is not None and signal.getsignal(signal.SIGUSR1) is _usr1_as_sigterm:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+        self._previous_usr1 = None
+
+
+def _usr1_as_sigterm(signum: int, frame: Any) -> None:
+    """SIGUSR1 handled by whatever handles SIGTERM (Lightning's, installed when fit starts)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        handler(signum, frame)
+
+
+class ResumeState(L.Callback):
+    """What a resumed run needs beyond Lightning's own restore.
+
+    Every checkpoint carries the global random states (torch, CUDA, numpy, Python), and a
+    resumed run starts from them (`sam_lightning.lightning.checkpoints.collect_rng_states`).
+
+    Lightning builds the training loader before it restores a checkpoint when the module asks
+    for `trainer.estimated_stepping_batches` (`SamTask`'s schedule does) and then keeps that
+    loader, which never gets its saved position (`data.order.ResumableLoader`): the resumed
+    epoch would start over. At fit start, when resuming, the loader is dropped, so the fit loop
+    builds it again after the restore and hands it its state.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[RNG_STATES_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if RNG_STATES_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_STATES_KEY])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if trainer.ckpt_path is None or getattr(fit_loop, "_combined_loader", None) is None:
+            return
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            fetcher.teardown()  # its workers, if any
+        fit_loop._combined_loader = None

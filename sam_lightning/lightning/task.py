@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_lightning.data.cache import attach_embedding_cache, cached_embeddings
+from sam_lightning.data.order import PROMPT_SEED_KEY
 from sam_lightning.errors import TrainingStopped, UserError
 from sam_lightning.evaluation.aggregate import protocol_metrics
 from sam_lightning.evaluation.protocol import InstanceScores, ProtocolConfig, evaluate_image
@@ -192,7 +193,12 @@ class SamTask(L.LightningModule):
 
     # ---- SAM's interactive recipe and evaluation protocol (issue 5) -----------------------------
     def _interactive_session(
-        self, embedding: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor, hw: tuple[int, int]
+        self,
+        embedding: torch.Tensor,
+        masks: torch.Tensor,
+        boxes: torch.Tensor,
+        hw: tuple[int, int],
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`prompt.mode=interactive`: the simulated click session of `sam_lightning.interactive`."""
         result = interactive_session(
@@ -203,6 +209,7 @@ class SamTask(L.LightningModule):
             boxes,
             hw,
             InteractiveConfig.from_dict(self.prompt_cfg),
+            generator,
         )
         self.log(
             "train/iou_first_round", result.round_iou[0], on_step=False, on_epoch=True, batch_size=1
@@ -237,13 +244,15 @@ class SamTask(L.LightningModule):
             h, w = (int(v) for v in batch["input_size"][i])
             embedding = embeddings[i : i + 1]
             prompts = {"boxes": boxes, "points": None, "labels": None, "multimask": False}
+            generator = None
             if training:  # prompt=box|point|both|interactive (sam_lightning.prompts)
-                prompts = build_training_prompts(masks, boxes, (h, w), self.prompt_cfg)
+                generator = prompt_generator(batch, i)
+                prompts = build_training_prompts(masks, boxes, (h, w), self.prompt_cfg, generator)
                 masks, boxes = prompts.pop("masks"), prompts["boxes"]
                 if masks.shape[0] == 0:  # every mask covered > 90% of the image
                     continue
             if training and self.prompt_cfg["mode"] == "interactive":
-                loss, pred = self._interactive_session(embedding, masks, boxes, (h, w))
+                loss, pred = self._interactive_session(embedding, masks, boxes, (h, w), generator)
                 pred, truth = pred[:, :h, :w], masks[:, :h, :w]
             else:
                 low_res, iou_pred = self.decode(embedding, **prompts)
@@ -282,7 +291,10 @@ class SamTask(L.LightningModule):
             self.log_dict(collection, on_step=False, on_epoch=True, batch_size=batch_size)
         if not losses:  # no instance in the whole batch: a zero loss that keeps the graph
             return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
-        loss = torch.stack(losses).mean()
+        # the mean over the batch's images (one without instances counts zero): with the same
+        # number of images per process, DDP's average of the processes' gradients is the
+        # gradient of the one-process batch of all their images (tests/test_resume.py)
+        loss = torch.stack(losses).sum() / batch_size
         self.log(
             f"{stage}/loss",
             loss,
@@ -290,7 +302,7 @@ class SamTask(L.LightningModule):
             batch_size=batch_size,
             on_step=training,
             on_epoch=True,
-            sync_dist=not training,
+            sync_dist=True,  # under DDP the logged loss is the global batch's
         )
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size
@@ -351,6 +363,16 @@ class SamTask(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def prompt_generator(batch: dict[str, Any], i: int) -> torch.Generator | None:
+    """The random source of image i's training prompts: seeded from the sample's own seed
+    (`sam_lightning.data.order`, the same whatever the process or resume), or None (torch's
+    global generator) for a batch from a loader without per-sample seeds."""
+    seeds = batch.get(PROMPT_SEED_KEY)
+    if seeds is None:
+        return None
+    return torch.Generator().manual_seed(int(seeds[i]))
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sam_lightning.config import plain
-from sam_lightning.lightning.callbacks import RunSummary
-from sam_lightning.lightning.checkpoints import latest_checkpoint
+from sam_lightning.lightning.callbacks import ResumeState, RunSummary
+from sam_lightning.lightning.checkpoints import AtomicCheckpointIO, latest_checkpoint
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.metrics import mask_iou
 from sam_lightning.model.params import format_parameter_report, parameter_report
@@ -166,7 +166,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = instantiate(cfg.data)
+    # the data's order, augmentations and prompts derive from the run's seed (data/order.py)
+    datamodule = instantiate(cfg.data, seed=cfg.get("seed"))
     task = build_task(cfg)
     params = parameter_report(task.sam)
     rank_zero_print(format_parameter_report(params))
@@ -177,7 +178,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         direction=cfg.optimized_direction,
     )
     trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, summary_cb], logger=build_loggers(cfg) or False
+        cfg.trainer,
+        callbacks=[*callbacks, summary_cb, ResumeState()],
+        logger=build_loggers(cfg) or False,
+        plugins=[AtomicCheckpointIO()],  # a kill during a save never leaves half a last.ckpt
     )
     datamodule.setup("fit")
     summary_cb.extra = {
