@@ -238,7 +238,13 @@ def resize_to_image_size(
         out["image_encoder.pos_embed"] = resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
         log.info(
             "%s: position embedding interpolated from %dx%d to %dx%d (image_size %d -> %d)",
-            source, old, old, grid, grid, old * spec.patch_size, spec.image_size,
+            source,
+            old,
+            old,
+            grid,
+            grid,
+            old * spec.patch_size,
+            spec.image_size,
         )
     length = 2 * grid - 1
     for block in spec.global_attn_indexes:
@@ -247,9 +253,7 @@ def resize_to_image_size(
             table = state.get(key)
             if table is None or table.shape[0] == length:
                 continue
-            resized = F.interpolate(
-                table.detach().float().T[None], size=length, mode="linear"
-            )[0].T
+            resized = F.interpolate(table.detach().float().T[None], size=length, mode="linear")[0].T
             out[key] = resized.contiguous().to(table.dtype)
     return out
 

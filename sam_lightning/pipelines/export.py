@@ -58,13 +58,12 @@ def export_checkpoint(
     sam = sam.eval()
     if format != "sam":
         settings = onnx if onnx is not None else plain(export_defaults().onnx)
-        return save_format(sam, strategy, info.model, out, format, settings)
-    config = info.strategy or strategy.config()
-    path = save_export(sam, strategy, info.model, out, delta, config, info.base_checkpoint)
-    print(
-        f"{path}: a {info.model} model that expects {export_image_size(sam)} px input "
-        f"(SamPredictor(build_sam({info.model!r}, checkpoint=...)) resizes to it)"
-    )
+        path = save_format(sam, strategy, info.model, out, format, settings)
+    else:
+        config = info.strategy or strategy.config()
+        path = save_export(sam, strategy, info.model, out, delta, config, info.base_checkpoint)
+    # the side a predictor must resize to: SamPredictor(build_sam(size, checkpoint=path)) does
+    print(f"{path}: a {info.model} model that expects {export_image_size(sam)} px input")
     return path
 
 
