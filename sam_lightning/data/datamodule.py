@@ -15,6 +15,7 @@ from sam_lightning.data.coco import CocoInstances
 from sam_lightning.data.directory import DirectoryDataset, available_splits
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
+from sam_lightning.data.tiling import tile_dataset
 from sam_lightning.data.validation import ValidationReport, validate_splits
 from sam_lightning.errors import UserError
 
@@ -47,6 +48,8 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: compute each image's embedding once and train from the cache
             (`sam_lightning.data.cache`; needs a frozen encoder and no augmentation).
         cache_dir: where the embedding cache lives.
+        tiling: `data.tiling` (`sam_lightning.data.tiling`): with a `tile_size`, every split's
+            large images become overlapping windows (after the data check, which sees files).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class SamDataModule(L.LightningDataModule):
         cache_embeddings: bool = False,
         cache_dir: str = "embedding_cache",
         validation_cache: str | None = None,
+        tiling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -87,6 +91,12 @@ class SamDataModule(L.LightningDataModule):
         self.cache_embeddings = cache_embeddings  # filled and attached by SamTask.setup
         self.cache_dir = cache_dir
         self.validation_cache = validation_cache
+        self.tiling = dict(tiling or {})
+        if cache_embeddings and self.tiling.get("tile_size") is not None:
+            raise UserError(
+                "data.cache_embeddings=true caches one embedding per image file, but "
+                "data.tiling cuts images into windows: set one of them off"
+            )
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -163,7 +173,7 @@ class SamDataModule(L.LightningDataModule):
                     ", ".join(f"{k}: {n}" for k, n in self.report.counts().items()),
                     self.report.format(fix=False),
                 )
-        self.datasets = datasets
+        self.datasets = {split: tile_dataset(d, self.tiling) for split, d in datasets.items()}
 
     def _check_root(self) -> None:
         """A `data.root` that is no folder is named before anything looks inside it."""
