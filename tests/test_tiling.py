@@ -79,7 +79,9 @@ def test_windows_overlap_cover_and_interiors_partition() -> None:
     assert all(w[2] - w[0] == TILE and w[3] - w[1] == TILE for w in windows)
     cover = np.zeros((HEIGHT // 8, WIDTH // 8), np.int32)  # every 8th pixel
     owners = np.zeros_like(cover)
-    for (x0, y0, x1, y1), (ix0, iy0, ix1, iy1) in zip(windows, tile_interiors(windows)):
+    for (x0, y0, x1, y1), (ix0, iy0, ix1, iy1) in zip(
+        windows, tile_interiors(windows), strict=True
+    ):
         assert x0 <= ix0 < ix1 <= x1 and y0 <= iy0 < iy1 <= y1
         cover[-(-y0 // 8) : -(-y1 // 8), -(-x0 // 8) : -(-x1 // 8)] += 1
         owners[-(-iy0 // 8) : -(-iy1 // 8), -(-ix0 // 8) : -(-ix1 // 8)] += 1
@@ -94,7 +96,9 @@ def test_stitched_equals_each_window_on_its_interior() -> None:
     rng = np.random.default_rng(0)
     tiles = [rng.standard_normal((2, w[3] - w[1], w[2] - w[0])).astype(np.float32) for w in windows]
     full = stitch_tiles(tiles, windows, HEIGHT // 4, WIDTH // 4)
-    for tile, (x0, y0, _, _), (ix0, iy0, ix1, iy1) in zip(tiles, windows, tile_interiors(windows)):
+    for tile, (x0, y0, _, _), (ix0, iy0, ix1, iy1) in zip(
+        tiles, windows, tile_interiors(windows), strict=True
+    ):
         assert np.array_equal(
             full[:, iy0:iy1, ix0:ix1], tile[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
         )
@@ -245,11 +249,11 @@ def test_predict_auto_stitches_windows_exactly(tiny_weights, tmp_path) -> None:
     )
     written = [cv2.imread(str(out / f), cv2.IMREAD_GRAYSCALE) > 0 for f in entry["masks"]]
     assert all(m.shape == (1000, 1500) for m in written)
-    for window, (ix0, iy0, ix1, iy1) in zip(windows, tile_interiors(windows)):
+    for window, (ix0, iy0, ix1, iy1) in zip(windows, tile_interiors(windows), strict=True):
         x0, y0, x1, y1 = window
         own = generator.generate(np.ascontiguousarray(image[y0:y1, x0:x1]))
         own_interiors = [m["segmentation"][iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] for m in own]
-        stitched = [m for m, w in zip(written, entry["windows"]) if w == list(window)]
+        stitched = [m for m, w in zip(written, entry["windows"], strict=True) if w == list(window)]
         assert stitched  # every window contributed
         # on its interior, exactly the window's own masks; outside it, nothing
         expected = sorted(m.tobytes() for m in own_interiors if m.any())
