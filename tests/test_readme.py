@@ -68,3 +68,11 @@ def test_readme_export_formats_load_as_written(readme_files: Path) -> None:
     merged = torch.load(export_checkpoint(ckpt, readme_files / "merged.pth"), weights_only=True)
     state = scope["sam"].state_dict()
     assert state.keys() == merged.keys() and all(torch.equal(state[k], merged[k]) for k in merged)
+
+
+def test_readme_input_size_runs_as_written(readme_files: Path) -> None:
+    scope: dict = {}
+    exec(compile(snippet_with("image_size=512"), "README.md", "exec"), scope)
+    assert scope["sam"].image_encoder.pos_embed.shape == (1, 32, 32, 768)
+    assert scope["predictor"].transform.target_length == 512
+    assert scope["side"] == 256  # the run of `readme_files` trained the tiny model at 256
