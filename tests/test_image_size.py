@@ -25,6 +25,7 @@ from sam_lightning.model.weights import (
     build_sam,
     checkpoint_image_size,
     load_checkpoint,
+    load_delta_export,
 )
 from sam_lightning.pipelines.export import export_checkpoint
 from sam_lightning.pipelines.fit import build_task
@@ -147,6 +148,15 @@ def test_hf_folder_of_a_run_at_another_side(run_at_128, tmp_path):
     sam, info = load_checkpoint(folder)
     assert info.kind == "hf" and info.image_size == 128
     assert _same_weights(sam, task.sam)
+
+
+def test_delta_of_a_run_at_another_side_goes_on_a_base_at_that_side(run_at_128, tmp_path):
+    task, ckpt = run_at_128
+    out = export_checkpoint(ckpt, tmp_path / "delta.pth", delta=True)
+    payload = torch.load(out, weights_only=True)
+    assert payload[EXPORT_KEY]["image_size"] == 128 and payload[EXPORT_KEY]["delta"]
+    rebuilt = load_delta_export(out)  # the base file is 256 px: brought to 128 first
+    assert rebuilt.image_encoder.img_size == 128 and _same_weights(rebuilt, task.sam)
 
 
 @pytest.mark.slow
