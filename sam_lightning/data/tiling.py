@@ -147,27 +147,39 @@ def shift_prompt(
     )
 
 
+def label_areas(labels: np.ndarray, count: int) -> np.ndarray:
+    """Pixels of each label 0..count in the whole image (one pass, kept for every window)."""
+    return np.bincount(labels.ravel(), minlength=count + 1)[: count + 1]
+
+
 def visible_labels(
-    labels: np.ndarray, count: int, window: Window, min_visible: float
+    labels: np.ndarray,
+    count: int,
+    window: Window,
+    min_visible: float,
+    total: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """The label map of `window`, keeping instances with at least `min_visible` of their area
-    inside, renumbered 1..M; and M."""
+    inside, renumbered 1..M; and M. `total`: `label_areas(labels, count)`, if known."""
     x0, y0, x1, y1 = window
     crop = labels[y0:y1, x0:x1]
-    total = np.bincount(labels.ravel(), minlength=count + 1)[: count + 1]
+    total = label_areas(labels, count) if total is None else total
     inside = np.bincount(crop.ravel(), minlength=count + 1)[: count + 1]
     keep = np.flatnonzero((inside > 0) & (inside >= min_visible * total))
     keep = keep[keep > 0]
-    lookup = np.zeros(max(count, int(labels.max(initial=0))) + 1, dtype=np.int32)
+    lookup = np.zeros(max(count, int(crop.max(initial=0))) + 1, dtype=np.int32)
     lookup[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
     return lookup[crop], len(keep)
 
 
-def visible_masks(masks: np.ndarray, window: Window, min_visible: float) -> np.ndarray:
-    """The masks [M, h, w] of `window` with at least `min_visible` of their area inside."""
+def visible_masks(
+    masks: np.ndarray, window: Window, min_visible: float, total: np.ndarray | None = None
+) -> np.ndarray:
+    """The masks [M, h, w] of `window` with at least `min_visible` of their area inside.
+    `total`: each mask's area in the whole image, if known."""
     x0, y0, x1, y1 = window
     crop = masks[:, y0:y1, x0:x1]
-    total = masks.reshape(len(masks), -1).sum(1)
+    total = masks.reshape(len(masks), -1).sum(1) if total is None else total
     inside = crop.reshape(len(masks), -1).sum(1)
     return crop[(inside > 0) & (inside >= min_visible * total)]
 
@@ -217,10 +229,13 @@ class TiledDataset(Dataset):
             if hasattr(self.base, "read_labels"):
                 image = read_image(self.base.image_path(i))
                 labels, classes = self.base.read_labels(i, image.shape)
-                self._decoded = (i, image, {"labels": labels, "count": len(classes)})
+                count = len(classes)
+                found = {"labels": labels, "count": count, "total": label_areas(labels, count)}
+                self._decoded = (i, image, found)
             else:
                 image, masks = self.base.read(i)
-                self._decoded = (i, image, {"masks": masks})
+                total = masks.reshape(len(masks), -1).sum(1)
+                self._decoded = (i, image, {"masks": masks, "total": total})
         return self._decoded[1], self._decoded[2]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -232,11 +247,16 @@ class TiledDataset(Dataset):
         crop = np.ascontiguousarray(image[y0:y1, x0:x1])
         if "labels" in instances:
             labels, count = visible_labels(
-                instances["labels"], instances["count"], window, self.min_visible
+                instances["labels"],
+                instances["count"],
+                window,
+                self.min_visible,
+                instances["total"],
             )
             found: dict[str, Any] = {"labels": labels, "count": count}
         else:
-            found = {"masks": visible_masks(instances["masks"], window, self.min_visible)}
+            masks = visible_masks(instances["masks"], window, self.min_visible, instances["total"])
+            found = {"masks": masks}
         return prepare_sample(
             crop,
             self.base.image_size,
