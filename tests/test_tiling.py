@@ -15,6 +15,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from sam_lightning.config import compose_config
+from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.data.directory import DirectoryDataset
 from sam_lightning.data.tiling import (
     TiledDataset,
@@ -267,3 +268,10 @@ def test_tiling_mistakes_are_named(big_root: Path) -> None:
         TiledDataset(base, TILE, TILE, min_visible=0.5)
     with pytest.raises(UserError, match=r"tiling.min_visible=0: expected"):
         TiledDataset(base, TILE, OVERLAP, min_visible=0)
+    with pytest.raises(UserError, match=r"data.cache_embeddings=true caches one embedding per"):
+        SamDataModule(
+            kind="directory",
+            root=str(big_root),
+            cache_embeddings=True,
+            tiling={"tile_size": TILE, "overlap": OVERLAP, "min_visible": 0.5},
+        )
