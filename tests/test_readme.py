@@ -93,3 +93,11 @@ def test_readme_capture_features_runs_as_written(
         "blocks.3",
         "neck",
     ]
+
+
+def test_readme_input_size_runs_as_written(readme_files: Path) -> None:
+    scope: dict = {}
+    exec(compile(snippet_with("image_size=512"), "README.md", "exec"), scope)
+    assert scope["sam"].image_encoder.pos_embed.shape == (1, 32, 32, 768)
+    assert scope["predictor"].transform.target_length == 512
+    assert scope["side"] == 256  # the run of `readme_files` trained the tiny model at 256

@@ -25,6 +25,7 @@ from sam_lightning.data.formats import (
 from sam_lightning.data.order import EpochOrder, ResumableLoader, SeededSamples
 from sam_lightning.data.sample import collate_samples
 from sam_lightning.data.synthetic import write_synthetic_dataset
+from sam_lightning.data.tiling import tile_dataset
 from sam_lightning.data.validation import ValidationReport, validate_splits
 from sam_lightning.errors import UserError
 
@@ -65,6 +66,8 @@ class SamDataModule(L.LightningDataModule):
             and each sample's augmentation and prompts derive from (seed, epoch, index), so a
             resumed run and a DDP run see what one uninterrupted process sees; `train` passes
             the run's `seed`; None draws one from torch's generator when training starts.
+        tiling: `data.tiling` (`sam_lightning.data.tiling`): with a `tile_size`, every split's
+            large images become overlapping windows (after the data check, which sees files).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class SamDataModule(L.LightningDataModule):
         labelme: Mapping[str, Any] | None = None,
         voc: Mapping[str, Any] | None = None,
         seed: int | None = None,
+        tiling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -113,6 +117,12 @@ class SamDataModule(L.LightningDataModule):
             k: dict(v or {}) for k, v in zip(READERS, (yolo, labelme, voc), strict=True)
         }
         self.seed = seed  # None: drawn when the training loader is first built
+        self.tiling = dict(tiling or {})
+        if cache_embeddings and self.tiling.get("tile_size") is not None:
+            raise UserError(
+                "data.cache_embeddings=true caches one embedding per image file, but "
+                "data.tiling cuts images into windows: set one of them off"
+            )
         self.datasets: dict[str, Dataset] = {}
         self.report: ValidationReport | None = None
 
@@ -203,7 +213,7 @@ class SamDataModule(L.LightningDataModule):
                     ", ".join(f"{k}: {n}" for k, n in self.report.counts().items()),
                     self.report.format(fix=False),
                 )
-        self.datasets = datasets
+        self.datasets = {split: tile_dataset(d, self.tiling) for split, d in datasets.items()}
 
     def _check_root(self) -> None:
         """A `data.root` that is no folder is named before anything looks inside it."""

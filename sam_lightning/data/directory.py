@@ -201,6 +201,9 @@ class DirectoryDataset(Dataset):
     def item_name(self, index: int) -> str:
         return str(self.images[index])
 
+    def image_path(self, index: int) -> Path:
+        return self.images[index]
+
     def select(self, indices: Sequence[int]) -> DirectoryDataset:
         """A copy restricted to `indices` (what `data.on_invalid=skip` keeps)."""
         out = copy.copy(self)

@@ -65,7 +65,8 @@ class SamTask(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.sam = build_sam(model["name"], model.get("checkpoint"))
+        # model.image_size: the input side; a checkpoint of another side is interpolated to it
+        self.sam = build_sam(model["name"], model.get("checkpoint"), model.get("image_size"))
         self.strategy = instantiate_strategy(strategy)
         self.strategy.apply(self.sam)
         # model.attention, grad_checkpointing, compile, decoder_chunk_size (issue 6)

@@ -15,6 +15,12 @@ The `sam` format writes three kinds of file:
 - delta: the same wrapper with only what trained (`delta: true`); `load_delta_export` puts it on
   top of the base weights.
 
+Input size: every wrapper records `image_size`, the side the model was trained at and the one
+`SamPredictor` resizes to (its `ResizeLongestSide(sam.image_encoder.img_size)`); a plain file
+at another side than the size's own (a vit_b at 512) is written as a wrapper too, because
+`segment_anything.sam_model_registry` builds 1024 px models and could not load it, while
+`build_sam(size, checkpoint=file)` rebuilds it at its side. `export_image_size` says which.
+
 `sam_lightning.model.weights` reads all three back, and the `hf` folder too. `onnx` and `hf`
 export what the trained model computes: LoRA merged into the weights, adapters kept in the
 encoder graph (transformers' `SamModel` has no place for them: `hf` refuses adapters).
@@ -31,7 +37,7 @@ from segment_anything.modeling import Sam
 from sam_lightning.errors import UserError
 from sam_lightning.model.hf import write_hf_folder
 from sam_lightning.model.onnx_graphs import save_onnx
-from sam_lightning.model.specs import build_sam_architecture, model_spec
+from sam_lightning.model.specs import build_sam_architecture, model_spec, sized_spec
 from sam_lightning.model.strategies import Strategy
 from sam_lightning.model.weights import EXPORT_KEY
 
@@ -52,14 +58,23 @@ def export_payload(
     the file rebuilds the same adapters; `base_checkpoint` is recorded in deltas as a hint.
     """
     config = dict(strategy_config) if strategy_config else strategy.config()
-    meta: dict[str, Any] = {"model": model_name, "strategy": config}
+    image_size = export_image_size(sam)
+    meta: dict[str, Any] = {"model": model_name, "strategy": config, "image_size": image_size}
     if delta:
         meta.update(delta=True, base_checkpoint=base_checkpoint)
         return {EXPORT_KEY: meta, "state_dict": strategy.delta_state_dict(sam)}
     state = strategy.export_state_dict(sam)
     if strategy.exports_plain_sam:
-        return state
+        if image_size == model_spec(model_name).image_size:
+            return state
+        # plain weights (LoRA merged): nothing to rebuild but the input side
+        meta["strategy"] = None
     return {EXPORT_KEY: meta, "state_dict": state}
+
+
+def export_image_size(sam: Sam) -> int:
+    """The input side `sam` expects: what `SamPredictor(sam)` resizes the longest side to."""
+    return int(sam.image_encoder.img_size)
 
 
 def save_export(
@@ -88,7 +103,7 @@ def deployable_sam(sam: Sam, strategy: Strategy, model_name: str) -> Sam:
     if not strategy.changes_architecture:
         return sam
     if strategy.exports_plain_sam:
-        merged = build_sam_architecture(model_name)
+        merged = build_sam_architecture(model_name, export_image_size(sam))
         merged.load_state_dict(strategy.export_state_dict(sam), strict=True)
         return merged.eval()
     return sam
@@ -103,7 +118,7 @@ def save_hf(sam: Sam, strategy: Strategy, model_name: str, out: str | Path) -> P
             "the adapters), or train with strategy=lora, which merges into plain weights"
         )
     state = strategy.export_state_dict(sam)
-    return write_hf_folder(state, model_spec(model_name), out)
+    return write_hf_folder(state, sized_spec(model_name, export_image_size(sam)), out)
 
 
 def save_format(

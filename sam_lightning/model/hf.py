@@ -232,8 +232,10 @@ def model_name_for_spec(spec: SamSpec) -> str | None:
 
 
 def _architecture(spec: SamSpec) -> dict[str, Any]:
+    """The fields that make a size; the input side is a setting of it (`model.image_size`)."""
     values = asdict(spec)
     values.pop("checkpoint_file")
+    values.pop("image_size")
     return values
 
 

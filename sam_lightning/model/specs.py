@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -77,9 +77,34 @@ def model_spec(name: str) -> SamSpec:
     return MODEL_SPECS[name]
 
 
-def build_sam_architecture(name: str) -> Sam:
-    """A randomly initialised `Sam` of the named size, built exactly as segment-anything builds it."""
+def sized_spec(name: str, image_size: int | None = None) -> SamSpec:
+    """The spec of a size at input side `image_size` (None: the size's own, 1024 or 256).
+
+    Only the input side changes: the position-embedding grid and the global-attention blocks'
+    relative-position tables follow it (`image_size / patch_size`), windows stay as they are.
+    """
     spec = model_spec(name)
+    if image_size is None or int(image_size) == spec.image_size:
+        return spec
+    size = int(image_size)
+    if size <= 0 or size % spec.patch_size:
+        raise UserError(
+            f"model.image_size={image_size}: expected a positive multiple of the patch size "
+            f"{spec.patch_size}, e.g. 512 or 1024"
+        )
+    return replace(spec, image_size=size)
+
+
+def state_image_size(state: dict[str, torch.Tensor], patch_size: int = 16) -> int | None:
+    """The input side a state dict was built for, from its position-embedding grid."""
+    pos_embed = state.get("image_encoder.pos_embed")
+    return None if pos_embed is None else int(pos_embed.shape[1]) * patch_size
+
+
+def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
+    """A randomly initialised `Sam` of the named size, built exactly as segment-anything builds it,
+    at input side `image_size` (None: the size's own)."""
+    spec = sized_spec(name, image_size)
     encoder = ImageEncoderViT(
         depth=spec.encoder_depth,
         embed_dim=spec.encoder_embed_dim,

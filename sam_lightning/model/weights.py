@@ -15,16 +15,25 @@ Kinds of file (`CheckpointInfo.kind`):
 
 `read_checkpoint` tells the kinds apart, `load_sam` turns any of them into the `Sam` that was
 trained, and the model size is checked once, in `check_model_size`.
+
+Input size: a file records the side it was trained at (`image_size` in our files, the
+position-embedding grid of any state dict) and loads at it unless asked for another; then
+`resize_to_image_size` interpolates `image_encoder.pos_embed` (bicubic, as SAM-Med2D and
+MedSAM-style models adapt SAM to 256/512 px) and the global-attention blocks' relative-position
+tables (linearly, as segment-anything's `get_rel_pos` does on the fly); window blocks keep their
+windows and tables.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from sam_lightning.errors import UserError
@@ -37,11 +46,16 @@ from sam_lightning.model.hf import (
 )
 from sam_lightning.model.specs import (
     MODEL_SPECS,
+    SamSpec,
     build_sam_architecture,
     infer_model_name,
     model_spec,
+    sized_spec,
+    state_image_size,
 )
 from sam_lightning.model.strategies import instantiate_strategy
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KINDS = ("official", "export", "delta", "lightning", "trainable_only", "hf")
 #: the key of our export wrapper (`{EXPORT_KEY: meta, "state_dict": ...}`)
@@ -60,6 +74,8 @@ class CheckpointInfo:
         model: the size it holds: recorded in the file, else inferred from tensor shapes.
         strategy: the strategy config it was trained with (plain `_target_` dict), if any.
         base_checkpoint: where frozen weights come from (trainable-only runs, deltas).
+        image_size: the input side it was trained at: recorded, else from the position
+            embedding's grid, else None (a delta or trainable-only file without it).
     """
 
     path: str
@@ -67,6 +83,7 @@ class CheckpointInfo:
     model: str | None = None
     strategy: dict[str, Any] | None = None
     base_checkpoint: str | None = None
+    image_size: int | None = None
 
     @property
     def is_run(self) -> bool:
@@ -87,16 +104,18 @@ def describe_checkpoint(
         state = {k[len("sam.") :]: v for k, v in raw["state_dict"].items() if k.startswith("sam.")}
         kind = "trainable_only" if raw.get(TRAINABLE_ONLY_KEY) else "lightning"
         name = model.get("name") or infer_model_name(state)
+        size = model.get("image_size") or state_image_size(state)
         return state, CheckpointInfo(
-            path, kind, name, hparams.get("strategy"), model.get("checkpoint")
+            path, kind, name, hparams.get("strategy"), model.get("checkpoint"), _int(size)
         )
     if EXPORT_KEY in raw and "state_dict" in raw:
         meta = dict(raw[EXPORT_KEY])
         state = raw["state_dict"]
         kind = "delta" if meta.get("delta") else "export"
         name = meta.get("model") or infer_model_name(state)
+        size = meta.get("image_size") or state_image_size(state)
         return state, CheckpointInfo(
-            path, kind, name, meta.get("strategy"), meta.get("base_checkpoint")
+            path, kind, name, meta.get("strategy"), meta.get("base_checkpoint"), _int(size)
         )
     not_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
@@ -105,7 +124,17 @@ def describe_checkpoint(
             f"segment-anything file), an export or a Lightning checkpoint of a run, found key "
             f"{not_tensors[0]!r} holding a {type(raw[not_tensors[0]]).__name__}"
         )
-    return raw, CheckpointInfo(path, "official", infer_model_name(raw))
+    return raw, CheckpointInfo(path, "official", infer_model_name(raw), None, None, _size_of(raw))
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _size_of(state: dict[str, torch.Tensor]) -> int | None:
+    """The input side of a state dict, from its position embedding and its size's patch."""
+    spec = MODEL_SPECS.get(infer_model_name(state) or "")
+    return state_image_size(state, spec.patch_size if spec else 16)
 
 
 def read_checkpoint(
@@ -154,7 +183,7 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], Che
     with torch.device("meta"):  # only the names of the Sam the tensors go into: no allocation
         keys = list(build_sam_architecture(name).state_dict())
     state = hf_to_sam_state_dict(read_hf_weights(folder), keys, folder)
-    return state, CheckpointInfo(str(folder), "hf", name)
+    return state, CheckpointInfo(str(folder), "hf", name, None, None, _size_of(state))
 
 
 def _load_failure(err: Exception) -> str:
@@ -177,6 +206,56 @@ def checkpoint_model_size(path: str | Path, default: str | None = None) -> str |
     """The size a checkpoint holds (recorded, or from its tensor shapes), else `default`."""
     found = read_checkpoint(path, default)[1].model
     return found if found in MODEL_SPECS else default
+
+
+def checkpoint_image_size(path: str | Path, default: int | None = None) -> int | None:
+    """The input side a checkpoint was trained at (recorded, or from its shapes), else `default`."""
+    return read_checkpoint(path)[1].image_size or default
+
+
+def resize_to_image_size(
+    state: dict[str, torch.Tensor], spec: SamSpec, source: str | Path = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """`state` with the tensors that depend on the input side resized to `spec.image_size`.
+
+    `image_encoder.pos_embed` [1, g, g, C] is interpolated bicubically to the new grid (as
+    SAM-Med2D / MedSAM-style models adapt SAM to smaller inputs); the relative-position tables
+    of the global-attention blocks [2g - 1, C] linearly, exactly as segment-anything's
+    `get_rel_pos` would on the fly. Window blocks keep `window_size` windows: their tables stay.
+    Tensors absent from `state` (a delta) are left to the base weights.
+    """
+    grid = spec.image_size // spec.patch_size
+    out = dict(state)
+    pos_embed = state.get("image_encoder.pos_embed")
+    if pos_embed is not None and pos_embed.shape[1] != grid:
+        old = pos_embed.shape[1]
+        resized = F.interpolate(
+            pos_embed.detach().float().permute(0, 3, 1, 2),
+            size=(grid, grid),
+            mode="bicubic",
+            align_corners=False,
+        )
+        out["image_encoder.pos_embed"] = resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+        log.info(
+            "%s: position embedding interpolated from %dx%d to %dx%d (image_size %d -> %d)",
+            source,
+            old,
+            old,
+            grid,
+            grid,
+            old * spec.patch_size,
+            spec.image_size,
+        )
+    length = 2 * grid - 1
+    for block in spec.global_attn_indexes:
+        for axis in ("h", "w"):
+            key = f"image_encoder.blocks.{block}.attn.rel_pos_{axis}"
+            table = state.get(key)
+            if table is None or table.shape[0] == length:
+                continue
+            resized = F.interpolate(table.detach().float().T[None], size=length, mode="linear")[0].T
+            out[key] = resized.contiguous().to(table.dtype)
+    return out
 
 
 def check_model_size(found: str | None, expected: str | None, source: str | Path) -> None:
@@ -243,7 +322,9 @@ def _apply_delta(state: dict[str, torch.Tensor], info: CheckpointInfo, base: Sam
     return base
 
 
-def load_checkpoint(path: str | Path, name: str | None = None) -> tuple[Sam, CheckpointInfo]:
+def load_checkpoint(
+    path: str | Path, name: str | None = None, image_size: int | None = None
+) -> tuple[Sam, CheckpointInfo]:
     """The `Sam` a checkpoint of any kind holds, as it was trained, and what the file said.
 
     Strategies recorded in the file are applied again (adapters and LoRA rebuilt, trainable flags
@@ -254,6 +335,9 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> tuple[Sam, Che
         path: an official file, an export, a delta, a Lightning checkpoint of a run, or a
             transformers `SamModel` folder.
         name: the size the caller expects (`model=`); None takes the size the file holds.
+        image_size: the input side to build at; None takes the one the file was trained at.
+            Another side than the file's interpolates the position embedding and the global
+            blocks' relative-position tables (`resize_to_image_size`).
     """
     if name is not None:
         model_spec(name)  # an unknown size is named before the file is read
@@ -265,22 +349,25 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> tuple[Sam, Che
             f"{path}: cannot tell which SAM size it holds ({size or 'no image encoder'}); "
             f"pass model=<one of {', '.join(MODEL_SPECS)}>"
         )
-    info = CheckpointInfo(info.path, info.kind, size, info.strategy, info.base_checkpoint)
+    spec = sized_spec(size, image_size or info.image_size)
+    info = replace(info, model=size, image_size=spec.image_size)
+    state = resize_to_image_size(state, spec, path)
     if info.kind == "delta":
-        return _apply_delta(state, info, load_sam(_base_checkpoint(info), size)), info
+        base = load_sam(_base_checkpoint(info), size, spec.image_size)
+        return _apply_delta(state, info, base), info
     if info.kind == "trainable_only":
-        sam = load_sam(_base_checkpoint(info), size)
+        sam = load_sam(_base_checkpoint(info), size, spec.image_size)
     else:
-        sam = build_sam_architecture(size)
+        sam = build_sam_architecture(size, spec.image_size)
     if info.strategy:
         instantiate_strategy(info.strategy).apply(sam)
     load_sam_state(sam, state, path, strict=info.kind != "trainable_only")
     return sam, info
 
 
-def load_sam(path: str | Path, name: str | None = None) -> Sam:
+def load_sam(path: str | Path, name: str | None = None, image_size: int | None = None) -> Sam:
     """`load_checkpoint` without the file's description: the trained `Sam`."""
-    return load_checkpoint(path, name)[0]
+    return load_checkpoint(path, name, image_size)[0]
 
 
 def load_delta_export(
@@ -297,16 +384,20 @@ def load_delta_export(
             f"{path} is not a delta export: load it with build_sam(size, checkpoint=...)"
         )
     if base is None:
-        base = load_sam(_base_checkpoint(info, base_checkpoint), info.model)
-    return _apply_delta(state, info, base)
+        base = load_sam(_base_checkpoint(info, base_checkpoint), info.model, info.image_size)
+    spec = sized_spec(str(info.model), base.image_encoder.img_size)
+    return _apply_delta(resize_to_image_size(state, spec, path), info, base)
 
 
-def build_sam(name: str, checkpoint: str | Path | None = None) -> Sam:
+def build_sam(
+    name: str, checkpoint: str | Path | None = None, image_size: int | None = None
+) -> Sam:
     """A `Sam` of size `name` (`tiny`, `vit_b`, `vit_l`, `vit_h`), with weights from `checkpoint`.
 
     `checkpoint` may be any kind `load_sam` reads (a file, or a transformers `SamModel` folder);
-    without one the weights are random.
+    without one the weights are random. `image_size` is the input side (e.g. 512 for a vit_b);
+    None: the checkpoint's, else the size's own (1024; 256 for `tiny`).
     """
     if checkpoint is None:
-        return build_sam_architecture(name)
-    return load_sam(checkpoint, name)
+        return build_sam_architecture(name, image_size)
+    return load_sam(checkpoint, name, image_size)

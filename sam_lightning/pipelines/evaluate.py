@@ -29,7 +29,7 @@ from sam_lightning.evaluation.protocol import ProtocolConfig
 from sam_lightning.evaluation.report import curve_labels, markdown_table, plot_curves
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.model.specs import MODEL_SPECS
-from sam_lightning.model.weights import checkpoint_model_size
+from sam_lightning.model.weights import checkpoint_image_size, checkpoint_model_size
 from sam_lightning.pipelines.fit import build_loggers
 
 #: `device=` of conf/evaluate.yaml -> Lightning's accelerator
@@ -52,7 +52,8 @@ def evaluation_task(ckpt: str | Path, cfg: Any) -> SamTask:
     `cfg.model.name`.
     """
     name = checkpoint_model_size(ckpt, cfg.model.name)
-    model = {**plain(cfg.model), "name": name, "image_size": MODEL_SPECS[name].image_size}
+    size = checkpoint_image_size(ckpt, MODEL_SPECS[name].image_size)
+    model = {**plain(cfg.model), "name": name, "image_size": size}
     task = SamTask(
         model={**model, "checkpoint": str(ckpt)},
         loss=plain(cfg.loss),

@@ -13,7 +13,12 @@ from omegaconf import OmegaConf
 
 from sam_lightning.config import CONF_DIR, plain
 from sam_lightning.errors import UserError
-from sam_lightning.model.export import EXPORT_FORMATS, save_export, save_format
+from sam_lightning.model.export import (
+    EXPORT_FORMATS,
+    export_image_size,
+    save_export,
+    save_format,
+)
 from sam_lightning.model.strategies import instantiate_strategy
 from sam_lightning.model.weights import load_checkpoint
 
@@ -53,9 +58,13 @@ def export_checkpoint(
     sam = sam.eval()
     if format != "sam":
         settings = onnx if onnx is not None else plain(export_defaults().onnx)
-        return save_format(sam, strategy, info.model, out, format, settings)
-    config = info.strategy or strategy.config()
-    return save_export(sam, strategy, info.model, out, delta, config, info.base_checkpoint)
+        path = save_format(sam, strategy, info.model, out, format, settings)
+    else:
+        config = info.strategy or strategy.config()
+        path = save_export(sam, strategy, info.model, out, delta, config, info.base_checkpoint)
+    # the side a predictor must resize to: SamPredictor(build_sam(size, checkpoint=path)) does
+    print(f"{path}: a {info.model} model that expects {export_image_size(sam)} px input")
+    return path
 
 
 def export_defaults() -> Any:

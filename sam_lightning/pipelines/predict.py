@@ -13,6 +13,14 @@ Prompts file: image file name -> list of prompts, in the image's pixel coordinat
 
 `labels` default to positive. A single point answers with the best of SAM's three masks by
 predicted IoU (as the evaluation protocol does); `multimask=false` forces the single-mask output.
+
+Tiling (`tiling.tile_size`, `sam_lightning.data.tiling`): a large image is cut into overlapping
+windows. A prompt (full-image coordinates) runs on the window that holds it whole, nearest its
+centre, and its mask is placed back into the full image; a prompt no window holds (a box larger
+than a tile) runs on the whole image. `mode=auto` runs the generator on every window and keeps
+each mask's part in its window's interior (the pixels nearest that window's centre), so the
+stitched masks equal the windows' own on their interiors. The image is decoded once; masks are
+written one at a time and the overlay is drawn at most `tiling.overlay_size` px long.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -29,6 +38,14 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from sam_lightning.config import plain
 from sam_lightning.data.io import IMAGE_SUFFIXES, read_image
+from sam_lightning.data.tiling import (
+    Window,
+    check_tiling,
+    route_prompt,
+    shift_prompt,
+    tile_interiors,
+    tile_windows,
+)
 from sam_lightning.errors import UserError
 from sam_lightning.model.weights import checkpoint_model_size, load_sam
 from sam_lightning.viz import draw_overlay, save_png
@@ -121,7 +138,70 @@ def predict_prompts(
     return np.stack(masks) if masks else np.zeros((0, h, w), bool), np.asarray(scores)
 
 
-def _write_masks(masks: np.ndarray, stem: str, names: list[str | None], out: Path) -> list[str]:
+@dataclass
+class PlacedMask:
+    """A mask predicted in a window of a large image: `mask` covers `window`, False elsewhere."""
+
+    window: Window
+    mask: np.ndarray  # [h, w] bool, the window's size
+    score: float
+
+    def full(self, height: int, width: int) -> np.ndarray:
+        """The mask in the full image's frame."""
+        out = np.zeros((height, width), dtype=bool)
+        x0, y0, x1, y1 = self.window
+        out[y0:y1, x0:x1] = self.mask
+        return out
+
+
+def _crop(image: np.ndarray, window: Window) -> np.ndarray:
+    x0, y0, x1, y1 = window
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def predict_tiled_prompts(
+    predictor: Any, image: np.ndarray, windows: list[Window], prompts: list[Prompt], multimask: bool
+) -> list[PlacedMask]:
+    """Each prompt (full-image coordinates) on the window that holds it, in prompt order.
+
+    Prompts are grouped by window, so each window's embedding is computed once; a prompt that
+    no window holds runs on the whole image (SamPredictor resizes it to the model's side).
+    """
+    height, width = image.shape[:2]
+    routes = [route_prompt(windows, p.box, p.points) for p in prompts]
+    placed: list[PlacedMask | None] = [None] * len(prompts)
+    for route in dict.fromkeys(routes):
+        window = windows[route] if route is not None else (0, 0, width, height)
+        predictor.set_image(_crop(image, window) if route is not None else image)
+        todo = [k for k, r in enumerate(routes) if r == route]
+        shifted = []
+        for k in todo:
+            box, points = shift_prompt(window, prompts[k].box, prompts[k].points)
+            shifted.append(Prompt(box, points, prompts[k].labels, prompts[k].name))
+        masks, scores = predict_prompts(predictor, shifted, multimask)
+        for k, mask, score in zip(todo, masks, scores, strict=True):
+            placed[k] = PlacedMask(window, mask, float(score))
+    return [p for p in placed if p is not None]
+
+
+def generate_tiled(generator: Any, image: np.ndarray, windows: list[Window]) -> list[PlacedMask]:
+    """`SamAutomaticMaskGenerator` on every window; each mask cut to its window's interior
+    (`sam_lightning.data.tiling.tile_interiors`), empty ones left out, largest first."""
+    placed = []
+    for window, interior in zip(windows, tile_interiors(windows), strict=True):
+        x0, y0 = window[0], window[1]
+        ix0, iy0, ix1, iy1 = interior
+        keep = np.zeros((window[3] - y0, window[2] - x0), dtype=bool)
+        keep[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = True
+        for found in generator.generate(_crop(image, window)):
+            mask = found["segmentation"] & keep
+            if mask.any():
+                placed.append(PlacedMask(window, mask, float(found["predicted_iou"])))
+    return sorted(placed, key=lambda p: -int(p.mask.sum()))
+
+
+def _write_masks(masks: Any, stem: str, names: list[str | None], out: Path) -> list[str]:
+    """Write each mask ([H, W] bool arrays, one at a time) as masks/<stem>_<name or k>.png."""
     files = []
     for k, mask in enumerate(masks):
         name = f"{stem}_{names[k]}" if k < len(names) and names[k] else f"{stem}_{k}"
@@ -130,6 +210,32 @@ def _write_masks(masks: np.ndarray, stem: str, names: list[str | None], out: Pat
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
         files.append(str(path.relative_to(out)))
     return files
+
+
+def _small_overlay(
+    image: np.ndarray, placed: list[PlacedMask], prompts: list[Prompt], long_side: int
+) -> np.ndarray:
+    """The overlay of a large image, drawn at most `long_side` px long (masks placed there)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, long_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
+    masks = np.zeros((len(placed), size[1], size[0]), dtype=bool)
+    for k, p in enumerate(placed):
+        x0, y0, x1, y1 = (round(v * scale) for v in p.window)
+        if x1 > x0 and y1 > y0:
+            tile = p.mask.astype(np.uint8)
+            masks[k, y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), cv2.INTER_NEAREST) > 0
+    boxes = [p.box * scale for p in prompts if p.box is not None]
+    points = [p.points * scale for p in prompts if p.points is not None]
+    labels = [p.labels for p in prompts if p.labels is not None]
+    return draw_overlay(
+        small,
+        masks,
+        np.stack(boxes) if boxes else None,
+        np.concatenate(points) if points else None,
+        np.concatenate(labels) if labels else None,
+    )
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
@@ -166,9 +272,31 @@ def run_predict(cfg: Any) -> dict[str, Any]:
     report: dict[str, Any] = {"ckpt": str(cfg.ckpt), "mode": mode, "images": {}}
     predictor = SamPredictor(sam)
     generator = SamAutomaticMaskGenerator(sam, **(plain(cfg.get("auto")) or {}))
+    tiling = plain(cfg.get("tiling")) or {}
+    if tiling.get("tile_size") is not None:
+        check_tiling(int(tiling["tile_size"]), int(tiling["overlap"]))
     for name, path in files.items():
         image = read_image(path)
         stem = path.stem
+        if tiling.get("tile_size") is not None:
+            windows = tile_windows(
+                *image.shape[:2],
+                int(tiling["tile_size"]),
+                int(tiling["overlap"]),
+                tiling.get("threshold"),
+            )
+            if len(windows) > 1:
+                report["images"][name] = _predict_tiled(
+                    predictor,
+                    generator,
+                    image,
+                    windows,
+                    prompts.get(name, []),
+                    mode,
+                    bool(cfg.get("multimask", True)),
+                    (stem, out, int(tiling["overlay_size"])),
+                )
+                continue
         with torch.no_grad():
             if mode == "auto":
                 found = sorted(generator.generate(image), key=lambda m: -m["area"])
@@ -201,3 +329,33 @@ def run_predict(cfg: Any) -> dict[str, Any]:
     total = sum(len(v["masks"]) for v in report["images"].values())
     print(f"wrote {total} masks for {len(files)} images into {out}")
     return report
+
+
+def _predict_tiled(
+    predictor: Any,
+    generator: Any,
+    image: np.ndarray,
+    windows: list[Window],
+    prompts: list[Prompt],
+    mode: str,
+    multimask: bool,
+    where: tuple[str, Path, int],
+) -> dict[str, Any]:
+    """One large image with tiling: masks written one at a time, a reduced overlay."""
+    stem, out, overlay_size = where
+    height, width = image.shape[:2]
+    with torch.no_grad():
+        if mode == "auto":
+            placed = generate_tiled(generator, image, windows)
+            names: list[str | None] = []
+        else:
+            placed = predict_tiled_prompts(predictor, image, windows, prompts, multimask)
+            names = [p.name for p in prompts]
+    files = _write_masks((p.full(height, width) for p in placed), stem, names, out)
+    save_png(_small_overlay(image, placed, prompts, overlay_size), out / "overlays" / f"{stem}.png")
+    return {
+        "masks": files,
+        "scores": [p.score for p in placed],
+        "windows": [list(p.window) for p in placed],
+        "tiles": len(windows),
+    }
