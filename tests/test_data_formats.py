@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -28,6 +29,7 @@ from sam_lightning.data.formats import (
 )
 from sam_lightning.data.io import InvalidSample
 from sam_lightning.data.labelme import LabelMeDataset, circle_polygon
+from sam_lightning.data.tiling import tile_dataset
 from sam_lightning.data.voc import VocInstances, voc_palette
 from sam_lightning.data.yolo import YoloSegmentation
 from sam_lightning.errors import UserError
@@ -339,3 +341,23 @@ def test_labelme_shapes_that_make_no_mask_are_reported_with_their_file(tmp_path:
         "file, or open the image in the labelling tool and save the annotation again",
     )
     assert doc["shapes"][0]["shape_type"] == "mask"
+
+
+# ---- data.tiling over every format --------------------------------------------------------------
+@pytest.mark.parametrize("kind", FORMATS)
+def test_tiling_cuts_each_format_into_the_windows_it_cuts_coco_into(
+    generated: dict[str, Path], kind: str
+) -> None:
+    """The same windows, masks and boxes as the COCO copy of the set, window by window."""
+    tiling = {"tile_size": 128, "overlap": 32, "min_visible": 0.5, "threshold": None}
+    reference = tile_dataset(CocoInstances(generated["coco"], "train", image_size=128), tiling)
+    tiled = tile_dataset(build_format_dataset(kind, generated[kind], "train", 128), tiling)
+    assert len(tiled) == len(reference) > 6  # every image is cut into several windows
+    ref_samples = {s["image_id"]: s for s in (reference[i] for i in range(len(reference)))}
+    for i in range(len(tiled)):
+        sample = tiled[i]
+        ref = ref_samples[sample["image_id"]]
+        assert torch.equal(sample["image"], ref["image"])
+        assert torch.equal(sample["masks"], ref["masks"]) and torch.equal(
+            sample["boxes"], ref["boxes"]
+        )

@@ -35,6 +35,7 @@ from sam_lightning.data.io import (
     SIZE_MISMATCH,
     Correction,
     InvalidSample,
+    image_size_of,
     read_image,
     verify_image,
 )
@@ -150,6 +151,22 @@ class PolygonInstances(Dataset):
         """The file that names the sample in reports."""
         item = self.items[index]
         return str(item.image if item.image is not None else item.annotation)
+
+    def image_path(self, index: int) -> Path:
+        """The image file of a sample, or its annotation where that embeds the image without a
+        file (LabelMe's imageData): `data.tiling` names windows after its stem."""
+        item = self.items[index]
+        if item.image is not None and Path(item.image).is_file():
+            return Path(item.image)
+        return Path(item.annotation)
+
+    def image_hw(self, index: int) -> tuple[int, int]:
+        """(height, width) for `data.tiling`'s index: the image file's header, or the size of
+        the embedded image."""
+        item = self.items[index]
+        if item.image is not None and Path(item.image).is_file():
+            return image_size_of(item.image)
+        return self.image_size_of(index)
 
     def category_names(self, index: int) -> list[str]:
         """Category of each object of an image, in mask order."""

@@ -188,7 +188,7 @@ class TiledDataset(Dataset):
     """A dataset's images as (image, window) samples; images that fit stay whole.
 
     Args:
-        base: a `DirectoryDataset` or `CocoInstances` (anything with `image_path(i)`, `read(i)`
+        base: a `DirectoryDataset`, `CocoInstances` or a format reader (anything with `image_path(i)`, `read(i)`
             and the base's `image_size`, `augment`, `min_mask_area`; a label-map reader,
             `read_labels`, is used when present: it keeps one [H, W] map, not N masks).
         tile_size, overlap, threshold, min_visible: `data.tiling`.
@@ -208,7 +208,9 @@ class TiledDataset(Dataset):
         self.index: list[tuple[int, Window]] = []
         self.tiled: set[int] = set()
         for i in range(len(base)):
-            height, width = image_size_of(base.image_path(i))  # the header only
+            # the header only (a reader whose images may have no file of their own says it)
+            hw = base.image_hw(i) if hasattr(base, "image_hw") else None
+            height, width = hw or image_size_of(base.image_path(i))
             windows = tile_windows(height, width, int(tile_size), int(overlap), threshold)
             if windows != [(0, 0, width, height)]:
                 self.tiled.add(i)

@@ -178,12 +178,16 @@ class VocInstances(Dataset):
             return True
         return bool(set(values.tolist()) & set(self.class_ids or ()))
 
-    def image_path(self, stem: str) -> Path:
+    def image_file(self, stem: str) -> Path:
         folder = self.root / "JPEGImages"
         for suffix in (".jpg", *IMAGE_SUFFIXES):
             if (folder / f"{stem}{suffix}").is_file():
                 return folder / f"{stem}{suffix}"
         return folder / f"{stem}.jpg"
+
+    def image_path(self, index: int) -> Path:
+        """The image file of a sample (what `data.tiling` reads sizes and windows from)."""
+        return self.image_file(self.stems[index])
 
     def object_path(self, stem: str) -> Path:
         return self.root / "SegmentationObject" / f"{stem}.png"
@@ -195,7 +199,7 @@ class VocInstances(Dataset):
         return len(self.stems)
 
     def item_name(self, index: int) -> str:
-        return str(self.image_path(self.stems[index]))
+        return str(self.image_file(self.stems[index]))
 
     def select(self, indices: Sequence[int]) -> VocInstances:
         """A copy restricted to `indices` (what `data.on_invalid=skip` keeps)."""
@@ -215,7 +219,7 @@ class VocInstances(Dataset):
                     SIZE_MISMATCH,
                     path,
                     f"mask is {array.shape[1]}x{array.shape[0]} but its image "
-                    f"{self.image_path(stem).name} is {width}x{height} (width x height); masks "
+                    f"{self.image_file(stem).name} is {width}x{height} (width x height); masks "
                     "must cover their image pixel for pixel: re-export the mask",
                 )
             arrays.append(array)
@@ -249,19 +253,19 @@ class VocInstances(Dataset):
 
     def category_names(self, index: int) -> list[str]:
         """Class name of each kept object of an image, in mask order."""
-        image = verify_image(self.image_path(self.stems[index]))
+        image = verify_image(self.image_file(self.stems[index]))
         return [self.class_names[c] for c in self.read_objects(index, *image)[1]]
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Full-resolution image (HWC uint8 RGB) and its instance masks [N, H, W] bool."""
-        image = read_image(self.image_path(self.stems[index]))
+        image = read_image(self.image_file(self.stems[index]))
         return image, self.read_objects(index, *image.shape[:2])[0]
 
     def check(self, index: int) -> list[Correction]:
         """Raise `InvalidSample` unless the image and both PNGs load, agree in size and hold an
         object of a kept class."""
         stem = self.stems[index]
-        masks, _ = self.read_objects(index, *verify_image(self.image_path(stem)))
+        masks, _ = self.read_objects(index, *verify_image(self.image_file(stem)))
         if not len(masks):
             raise InvalidSample(
                 NO_INSTANCES,
@@ -273,7 +277,7 @@ class VocInstances(Dataset):
 
     def check_files(self, index: int) -> list[Path]:
         stem = self.stems[index]
-        return [self.image_path(stem), self.object_path(stem), self.class_path(stem)]
+        return [self.image_file(stem), self.object_path(stem), self.class_path(stem)]
 
     def check_settings(self) -> dict[str, Any]:
         return {
