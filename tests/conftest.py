@@ -15,6 +15,8 @@ Hypothesis profiles (pick one with HYPOTHESIS_PROFILE=... or --hypothesis-profil
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from sam_lightning.lightning.task import SamTask
 from sam_lightning.pipelines.fit import build_task
 
 os.environ.setdefault("WANDB_MODE", "offline")
+#: the checkout under test (subprocesses import it)
+REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "quickstart",
     "tiny_config",
     "tiny_task",
+    "train_cli",
 ]
 
 settings.register_profile("ci", settings.get_profile("ci"), max_examples=25)
@@ -120,9 +125,11 @@ def default_train_transforms() -> list[dict[str, Any]]:
 def fit_steps(
     task: SamTask, root: Path, out_dir: Path, steps: int, ckpt_path: str | None = None
 ) -> L.Trainer:
-    """`steps` optimizer steps of `task` on the directory dataset at `root` (batch 2, no
-    validation, no checkpoint callbacks), resumed from `ckpt_path` if given."""
-    datamodule = SamDataModule(kind="directory", root=str(root), image_size=256, batch_size=2)
+    """`steps` optimizer steps of `task` on the directory dataset at `root` (batch 2, at the
+    task's input side, no validation, no checkpoint callbacks), resumed from `ckpt_path` if given."""
+    datamodule = SamDataModule(
+        kind="directory", root=str(root), image_size=task.image_size, batch_size=2
+    )
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -135,3 +142,17 @@ def fit_steps(
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
+
+
+def train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m sam_lightning.train *args` in a subprocess that imports this checkout (W&B
+    offline), with its output captured."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "sam_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

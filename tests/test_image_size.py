@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from segment_anything import SamPredictor
 from segment_anything.modeling.image_encoder import get_rel_pos
 
-from sam_lightning.data.datamodule import SamDataModule
 from sam_lightning.errors import UserError
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.model.export import save_export
@@ -29,7 +27,7 @@ from sam_lightning.model.weights import (
 )
 from sam_lightning.pipelines.export import export_checkpoint
 from sam_lightning.pipelines.fit import build_task
-from tests.conftest import tiny_config
+from tests.conftest import fit_steps, tiny_config
 
 
 def test_official_file_loads_at_another_side_with_interpolated_tables(tmp_path: Path) -> None:
@@ -88,20 +86,7 @@ def run_at_128(tmp_path_factory, synthetic_root) -> tuple[SamTask, Path]:
     )
     task = build_task(cfg)
     assert task.image_size == 128
-    datamodule = SamDataModule(
-        kind="directory", root=str(synthetic_root), image_size=128, batch_size=2
-    )
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=out,
-    )
-    trainer.fit(task, datamodule=datamodule)
+    trainer = fit_steps(task, synthetic_root, out, steps=2)
     ckpt = out / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     return task.eval(), ckpt

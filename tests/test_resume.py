@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,8 @@ import pytest
 import torch
 
 from sam_lightning.pipelines.fit import train
-from tests.conftest import quickstart
+from tests.conftest import quickstart, train_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # the session dataset: 16 training images, batch 2: 8 steps an epoch, 16 in the run
 RUN = ("trainer.max_epochs=2", "checkpoint.every_n_steps=3")
 STEPS = 16
@@ -131,18 +128,6 @@ def test_a_signal_saves_stops_and_resumes_exactly(
     assert_same_run(summary["last_ckpt"], straight)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "sam_lightning.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_killed_mid_epoch_resumes_from_the_step_checkpoint_exactly(
     straight: Path, tmp_path: Path, synthetic_root: Path
 ) -> None:
@@ -163,7 +148,7 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint_exactly(
         "+callbacks.kill.step=11",
         f"+callbacks.kill.signum={int(signal.SIGKILL)}",
     )
-    killed = _cli(*args, *kill, cwd=tmp_path)
+    killed = train_cli(*args, *kill, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 9
@@ -206,7 +191,7 @@ def test_ddp_two_processes_train_the_one_process_model(
     one = tmp_path / "one"
     summary = train(quickstart(one, synthetic_root, *short, "data.batch_size=4"))
     ddp = tmp_path / "ddp"
-    result = _cli(
+    result = train_cli(
         "experiment=quickstart",
         f"data.root={synthetic_root}",
         "data.synthetic.num_train=16",

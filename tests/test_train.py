@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from sam_lightning.errors import TrainingStopped
 from sam_lightning.lightning.task import SamTask
 from sam_lightning.model.weights import build_sam
 from sam_lightning.pipelines.fit import build_task, train
-from tests.conftest import quickstart
+from tests.conftest import quickstart, train_cli
 
 # Training from scratch first sits at "predict nothing" (the focal term) before it learns the
 # shapes. The run is seeded (cfg.seed=42: seed_everything, workers too; the untrained model is
@@ -145,18 +142,6 @@ def session_data_args(root: Path) -> tuple[str, ...]:
     )
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "sam_lightning.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -177,7 +162,7 @@ def test_cli_errors_are_one_message_without_traceback(
         if "data=directory" in args
         else session_data_args(synthetic_root)
     )
-    result = _cli(*data, *args, cwd=tmp_path)
+    result = train_cli(*data, *args, cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -186,7 +171,7 @@ def test_cli_errors_are_one_message_without_traceback(
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path: Path, synthetic_root: Path) -> None:
     """`trainer=ddp` on a CPU (gloo): both processes train, one summary is written and printed."""
-    result = _cli(
+    result = train_cli(
         *session_data_args(synthetic_root),
         "trainer=ddp",
         "trainer.accelerator=cpu",
