@@ -308,14 +308,19 @@ def _base_checkpoint(info: CheckpointInfo, override: str | Path | None = None) -
     return base
 
 
-def _apply_delta(state: dict[str, torch.Tensor], info: CheckpointInfo, base: Sam) -> Sam:
-    """Rebuild the trained `Sam` from a delta's tensors on top of `base` (changed in place)."""
+def _check_delta_base(info: CheckpointInfo, base: Sam) -> None:
+    """A delta goes only on a base of its own size."""
     found = infer_model_name(base.state_dict())
     if found != info.model:
         raise UserError(
             f"{info.path} is a delta of a {info.model} model but the base model is {found}: "
             f"build the base with build_sam('{info.model}', checkpoint=...)"
         )
+
+
+def _apply_delta(state: dict[str, torch.Tensor], info: CheckpointInfo, base: Sam) -> Sam:
+    """Rebuild the trained `Sam` from a delta's tensors on top of `base` (changed in place)."""
+    _check_delta_base(info, base)
     strategy = instantiate_strategy(info.strategy)
     strategy.apply(base)
     strategy.load_delta(base, state, info.path)
@@ -385,6 +390,7 @@ def load_delta_export(
         )
     if base is None:
         base = load_sam(_base_checkpoint(info, base_checkpoint), info.model, info.image_size)
+    _check_delta_base(info, base)  # before its encoder is read: another size may lack one
     spec = sized_spec(str(info.model), base.image_encoder.img_size)
     return _apply_delta(resize_to_image_size(state, spec, path), info, base)
 
