@@ -319,8 +319,8 @@ def _check_delta_base(info: CheckpointInfo, base: Sam) -> None:
 
 
 def _apply_delta(state: dict[str, torch.Tensor], info: CheckpointInfo, base: Sam) -> Sam:
-    """Rebuild the trained `Sam` from a delta's tensors on top of `base` (changed in place)."""
-    _check_delta_base(info, base)
+    """Rebuild the trained `Sam` from a delta's tensors on top of `base` (changed in place; its
+    size checked by the caller, or built by `load_sam` at the delta's size)."""
     strategy = instantiate_strategy(info.strategy)
     strategy.apply(base)
     strategy.load_delta(base, state, info.path)
